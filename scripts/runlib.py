@@ -24,9 +24,10 @@ LOG_NAMES = ["log.txt"]
 # Env vars that name a run rather than configure it; they differ per seed by design.
 IDENTITY_VARS = {"SEED", "RUN_ID", "ARTIFACT_DIR"}
 
-_FINAL_RE = re.compile(r"^(?P<stage>[A-Za-z0-9_]+) val_loss:(?P<loss>[-+0-9.eE]+) val_bpb:(?P<bpb>[-+0-9.eE]+)"
-                       r" eval_time:(?P<ms>[0-9.]+)ms\s*$")
-_ARTIFACT_RE = re.compile(r"^artifact_bytes:(?P<a>\d+) code_bytes:(?P<c>\d+) model_bytes:(?P<m>\d+)\s*$")
+# `<stage> val_loss:X val_bpb:Y eval_time:Nms`, and the closing `final <stage> val_loss:X val_bpb:Y`.
+_FINAL_RE = re.compile(r"^(?P<final>final )?(?P<stage>[A-Za-z][A-Za-z0-9_]*) val_loss:(?P<loss>[-+0-9.eE]+)"
+                       r" val_bpb:(?P<bpb>[-+0-9.eE]+)(?: eval_time:(?P<ms>[0-9.]+)ms)?(?:\s.*)?$")
+_ARTIFACT_RE = re.compile(r"^artifact_bytes:(?P<a>\d+) code_bytes:(?P<c>\d+) model_bytes:(?P<m>\d+)(?:\s.*)?$")
 _SHA_RE = re.compile(r"^code_sha256:\s*(?P<sha>[0-9a-fA-F]{64})\s*$")
 _TOTAL_EVAL_RE = re.compile(r"^total_eval_time:(?P<s>[0-9.]+)s\s*$")
 
@@ -54,12 +55,14 @@ def find_log(run_dir) -> Path | None:
 def parse_log(text: str) -> dict:
     """The machine-readable lines of a train_gpt.py log.
 
-    Returns {"stages": {stage: {val_loss, val_bpb, eval_time_ms}}, "stage_order": [...],
+    Returns {"stages": {stage: {val_loss, val_bpb, eval_time_ms}}, "stage_order": [...], "final": the
+    `final <stage> ...` line (else the last stage line) or None,
     "artifact": {...} or None, "code_sha256": str or None, "total_eval_time_s": float or None}.
-    The last occurrence of a line wins (a log may contain the embedded source code first).
+    The last occurrence of a line wins (the logger appends: a reused run dir holds several runs).
     """
     stages: dict = {}
     order: list = []
+    final = None
     artifact = None
     sha = None
     total_eval = None
@@ -69,10 +72,16 @@ def parse_log(text: str) -> dict:
         if m:
             st = m["stage"]
             try:
-                stages[st] = {"val_loss": float(m["loss"]), "val_bpb": float(m["bpb"]),
-                              "eval_time_ms": float(m["ms"])}
+                entry = {"val_loss": float(m["loss"]), "val_bpb": float(m["bpb"])}
+                if m["ms"] is not None:
+                    entry["eval_time_ms"] = float(m["ms"])
             except ValueError:
                 continue
+            if m["final"]:
+                final = {"stage": st, **entry}
+                if st in stages:   # the closing line repeats a stage line: keep its eval time
+                    continue
+            stages[st] = entry
             if st in order:
                 order.remove(st)
             order.append(st)
@@ -82,13 +91,15 @@ def parse_log(text: str) -> dict:
             artifact = {"artifact_bytes": int(m["a"]), "code_bytes": int(m["c"]), "model_bytes": int(m["m"])}
             continue
         m = _SHA_RE.match(line)
-        if m and sha is None:
+        if m:
             sha = m["sha"].lower()
             continue
         m = _TOTAL_EVAL_RE.match(line)
         if m:
             total_eval = float(m["s"])
-    return {"stages": stages, "stage_order": order, "artifact": artifact, "code_sha256": sha,
+    if final is None and order:
+        final = {"stage": order[-1], **stages[order[-1]]}
+    return {"stages": stages, "stage_order": order, "final": final, "artifact": artifact, "code_sha256": sha,
             "total_eval_time_s": total_eval}
 
 
@@ -112,12 +123,11 @@ def load_run(path) -> dict:
         rec["_from_log"] = False
     elif log is not None:
         parsed = parse_log(log.read_text(errors="replace"))
-        if not parsed["stages"] and parsed["artifact"] is None:
+        if not parsed["stages"] and parsed["artifact"] is None and parsed["final"] is None:
             raise RunError(f"{run_dir}: no {RECORD_NAME} and no final lines in {log.name}")
         rec = {"run_id": run_dir.name, "stages": parsed["stages"], "_from_log": True}
-        if parsed["stage_order"]:
-            last = parsed["stage_order"][-1]
-            rec["final"] = {"stage": last, **{k: parsed["stages"][last][k] for k in ("val_loss", "val_bpb")}}
+        if parsed["final"]:
+            rec["final"] = {k: parsed["final"][k] for k in ("stage", "val_loss", "val_bpb")}
         if parsed["artifact"]:
             rec["artifact"] = dict(parsed["artifact"])
         if parsed["code_sha256"]:
