@@ -45,7 +45,7 @@ def make_run(root: Path, run_id: str, seed: int, code: bytes = FAKE_CODE, final_
              overrides: dict | None = None, wrapper: bool = False) -> Path:
     """A realistic run directory (run_record.json + log.txt) as train_gpt.py writes it."""
     d = root / run_id
-    d.mkdir(parents=True)
+    d.mkdir(parents=True, exist_ok=True)
     sha = hashlib.sha256(code).hexdigest()
     ratio = 2.31944212 / 1.05989454            # nats per bpb of the SOTA seed-42 run
     stages = {}
