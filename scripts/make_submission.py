@@ -310,8 +310,9 @@ def submission_json(recs, *, name, author, github_id, blurb, date, code_sha, non
         "artifact_under_16mb": all(s is not None and s <= runlib.ARTIFACT_LIMIT_BYTES for s in sizes),
         "eval_under_600s": all(e is not None and e <= runlib.EVAL_BUDGET_S for e in ets),
         "full_validation": all_true([runlib.get(r, "compliance", "full_validation") for r in recs]),
-        "score_first_ttt": bool(ttt_modes) and all(m in ("none", "off", "score_first", "phased", "score_first_phased")
-                                                   or "score" in m for m in ttt_modes),
+        # train_gpt.py implements TTT only score-first (design.md contract); ttt_mode is "none" or the TTT stage.
+        "score_first_ttt": bool(ttt_modes) and all(m in ("none", "off") or "ttt" in m or "score" in m
+                                                   for m in ttt_modes),
         "ttt_mode": ttt_modes[0] if len(ttt_modes) == 1 else ttt_modes,
         "calibration_source": sorted({str(runlib.get(r, "compliance", "calibration_source"))
                                       for r in recs if runlib.get(r, "compliance", "calibration_source")}),

@@ -286,7 +286,7 @@ def test_make_submission_two_seeds(tmp_path):
     assert sub["seed_results"]["42"]["val_bpb"] == pytest.approx(1.0599)
     assert sub["seed_results"]["0"]["steps"] == 4945
     assert sub["compliance"]["train_under_600s"] and sub["compliance"]["full_validation"]
-    assert sub["compliance"]["three_seeds"] is False
+    assert sub["compliance"]["three_seeds"] is False and sub["compliance"]["score_first_ttt"] is True
     readme = (folder / "README.md").read_text()
     assert "| `MATRIX_LR` | 0.03 |" in readme and "SEED=42" in readme and "non-record" not in readme.lower()
     assert "1.05990000" in readme and "## Compliance" in readme
