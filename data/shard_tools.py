@@ -193,9 +193,16 @@ def remove_stale_shards(out_dir: str) -> None:
 _WORKER: dict = {}
 
 
-def _worker_init(model_path: str, caseops_on: bool) -> None:
-    import sentencepiece as spm
-    _WORKER["sp"] = spm.SentencePieceProcessor(model_file=model_path)
+BYTE_OFFSET = 4  # pure-byte tokenizer (byte260): 4 specials, then token = byte + 4
+
+
+def _worker_init(model_path: str | None, caseops_on: bool) -> None:
+    """Per-process tokenizer: a SentencePiece model, or the pure-byte tokenizer when `model_path` is None."""
+    if model_path is None:
+        _WORKER["sp"] = None
+    else:
+        import sentencepiece as spm
+        _WORKER["sp"] = spm.SentencePieceProcessor(model_file=model_path)
     _WORKER["caseops"] = caseops_on
 
 
@@ -204,12 +211,22 @@ def _tokenize_batch(job):
     split, texts, want_bytes = job
     sp, co = _WORKER["sp"], _WORKER["caseops"]
     inputs = [caseops.encode(t) for t in texts] if co else texts
-    encoded = sp.encode(inputs)
+    if sp is None:
+        encoded = [(np.frombuffer(t.encode("utf-8"), np.uint8).astype(np.int64) + BYTE_OFFSET).tolist()
+                   for t in inputs]
+    else:
+        encoded = sp.encode(inputs)
     parts, bparts = [], []
     for text, ids in zip(inputs, encoded):
         parts.append(np.asarray([BOS_ID] + ids, dtype=np.uint16))
         if want_bytes:
-            counts = caseops.token_original_bytes(sp, text, ids, caseops=co)
+            if sp is None:  # a byte token is one transformed byte; CaseOps control bytes stand for none
+                w = caseops.char_original_bytes(text, co)
+                counts = np.zeros(len(ids), np.int64)
+                ends = np.cumsum([len(ch.encode("utf-8")) for ch in text]) - 1 if text else []
+                counts[np.asarray(ends, dtype=np.int64)] = w
+            else:
+                counts = caseops.token_original_bytes(sp, text, ids, caseops=co)
             if counts.size and counts.max() > 65535:
                 raise ValueError("a token stands for more than 65535 bytes; cannot store it in the sidecar")
             bparts.append(np.concatenate([[0], counts]).astype(np.uint16))
@@ -232,7 +249,7 @@ def _jobs(texts: Iterable[str], num_val_docs: int, batch_docs: int, val_bytes: b
         yield split, batch, val_bytes and split == "val"
 
 
-def tokenize_to_shards(texts: Iterable[str], *, model_path: str, out_dir: str, num_val_docs: int,
+def tokenize_to_shards(texts: Iterable[str], *, model_path: str | None, out_dir: str, num_val_docs: int,
                        shard_tokens: int, caseops_on: bool = False, write_val_bytes: bool | None = None,
                        workers: int = 1, batch_docs: int = 256, max_train_shards: int | None = None,
                        progress_every: float = 10.0, log=print) -> dict:
