@@ -147,7 +147,11 @@ def main(argv=None) -> int:
     symbols = list(caseops.CONTROLS) if args.caseops else []
     settings = shard_tools.sp_trainer_settings(V, symbols, num_threads=1)
     t1 = time.time()
-    model_path = shard_tools.train_sentencepiece(sentences, tok_prefix, settings)
+    try:
+        model_path = shard_tools.train_sentencepiece(sentences, tok_prefix, settings)
+    except (RuntimeError, ValueError) as e:
+        print(f"error: tokenizer training failed: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
+        return 2
     t_tok = time.time() - t1
     stats = shard_tools.tokenize_to_shards(
         texts, model_path=model_path, out_dir=ds_dir, num_val_docs=num_val, shard_tokens=args.shard_tokens,
