@@ -73,8 +73,8 @@ def explain_hub_error(e: BaseException, repo_id: str, remote: str) -> str | None
             e, hf_errors.EntryNotFoundError):
         return f"cannot reach the Hugging Face Hub to fetch {remote} ({type(e).__name__}); {OFFLINE_HINT}"
     if isinstance(e, (hf_errors.EntryNotFoundError, hf_errors.RemoteEntryNotFoundError)):
-        return (f"file {remote!r} not found in dataset repo {repo_id}; check --remote-root / "
-                "MATCHED_FINEWEB_REMOTE_ROOT_PREFIX")
+        return (f"file {remote!r} not found in dataset repo {repo_id} (wrong --remote-root / "
+                "MATCHED_FINEWEB_REMOTE_ROOT_PREFIX, or the repo lacks a file its manifest lists)")
     if isinstance(e, hf_errors.HfHubHTTPError):
         return f"hub error fetching {remote} from {repo_id}: {str(e).splitlines()[0]}"
     return None
@@ -282,6 +282,7 @@ def run(args) -> int:
                 print(f"[{i}/{len(plan)}] {p['rel']}: not in the repo (optional), skipped", flush=True)
                 continue
             raise
+        dt = max(time.time() - t1, 1e-6)
         ok, why = file_ok(staged, size, p.get("sha256"), p["shard"])
         if not ok:
             os.remove(staged)
@@ -289,7 +290,6 @@ def run(args) -> int:
         os.makedirs(os.path.dirname(dest), exist_ok=True)
         n = os.path.getsize(staged)
         os.replace(staged, dest)
-        dt = max(time.time() - t1, 1e-6)
         done_files += 1
         done_bytes += n
         fetched_bytes += n
