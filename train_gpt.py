@@ -119,6 +119,7 @@ class Hyperparameters:
     # quantization and artifact
     gptq_calibration_batches: int = 16
     calibration_batch_tokens: int = 98_304   # tokens per rank per calibration batch (48 x 2048)
+    quant_min_numel: int = 65_536       # float matrices up to this size are stored fp16 (spec §5.3)
     matrix_bits: int = 6
     embed_bits: int = 7
     clip_mode: str = "fixed"            # fixed | adaptive | budget
@@ -150,6 +151,7 @@ class Hyperparameters:
     ttt_eval_seq_len: int = 2048
     ttt_batch_size: int = 64
     ttt_grad_steps: int = 1
+    ttt_warm_start_a: bool = True       # keep A across document batches (record); 0 = every doc starts alike
     ttt_weight_decay: float = 0.5
     ttt_beta1: float = 0.0
     ttt_beta2: float = 0.99
@@ -206,7 +208,7 @@ class Hyperparameters:
                         "lr_warmup_steps", "min_lr", "eval_stride", "val_loss_every", "xsa_last_n",
                         "num_loops", "parallel_start_layer", "embed_lr", "tied_embed_lr", "matrix_lr",
                         "scalar_lr", "adam_eps", "grad_clip_norm", "adam_wd", "muon_wd", "embed_wd",
-                        "gptq_calibration_batches", "lqer_rank", "lqer_top_k", "val_max_tokens",
+                        "gptq_calibration_batches", "lqer_rank", "quant_min_numel", "lqer_top_k", "val_max_tokens",
                         "ttt_lora_rank", "ttt_grad_steps", "phased_ttt_prefix_docs", "phased_ttt_num_phases",
                         "eval_time_budget", "logit_softcap", "tied_embed_init_std", "rope_dims",
                         "muon_momentum_warmup_steps"]
@@ -310,7 +312,7 @@ PRESETS: dict[str, dict] = {
         xsa_last_n=6, loop_start=2, loop_end=3, num_loops=1, parallel_start_layer=4, rope_dims=16,
         train_log_every=25, val_max_tokens=65_536, gptq_calibration_batches=4, calibration_batch_tokens=8192,
         matrix_lr=0.03, tied_embed_lr=0.05, muon_momentum_warmup_steps=100, ema_decay=0.99,
-        target_artifact_bytes=2_000_000, eval_stride=128, ttt_lora_rank=8, ttt_lora_alpha=16.0,
+        target_artifact_bytes=2_000_000, eval_stride=128, quant_min_numel=4096, ttt_lora_rank=8, ttt_lora_alpha=16.0,
         ttt_lora_lr=3e-3, ttt_chunk_size=32, ttt_eval_seq_len=256, ttt_batch_size=16,
         phased_ttt_prefix_docs=32, phased_ttt_num_phases=2, global_ttt_chunk_tokens=4096,
         eval_time_budget=300.0),
@@ -712,3 +714,1842 @@ def cu_seqlens_from_rows(ids: torch.Tensor, bos_id: int) -> tuple[torch.Tensor, 
     pos = torch.nonzero(starts.reshape(-1), as_tuple=False).flatten().to(torch.int32)
     cu = torch.cat([pos, torch.tensor([B * T], dtype=torch.int32, device=ids.device)])
     return cu, int((cu[1:] - cu[:-1]).max().item())
+
+
+# =============================================================================================
+# Kernels: attention backends (document-masked), softcapped cross-entropy. Each accelerated path has an
+# eager reference of the same signature; CPU runs the reference.
+# =============================================================================================
+
+def choose_attention_backend(requested: str, device: torch.device) -> str:
+    """FlashAttention 3 (varlen) when importable on CUDA, else SDPA with a block-diagonal causal mask."""
+    if requested in ("auto", "flash3") and device.type == "cuda":
+        try:
+            import flash_attn_interface  # noqa: F401
+            return "flash3"
+        except ImportError:
+            if requested == "flash3":
+                raise ConfigError("ATTN_BACKEND=flash3 but flash_attn_interface is not importable; "
+                                  "install the FA3 wheel or use ATTN_BACKEND=sdpa") from None
+    if requested == "flex":
+        if device.type != "cuda":
+            raise ConfigError("ATTN_BACKEND=flex needs CUDA (FlexAttention has no CPU backward); use sdpa")
+        return "flex"
+    return "sdpa"
+
+
+def attention_sdpa(q, k, v, seg):
+    """q [B,T,H,D], k/v [B,T,Hkv,D], seg [B,T] document ids -> [B,T,H,D]; causal within a document."""
+    T = q.size(1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    mask = (seg[:, :, None] == seg[:, None, :]) & causal
+    rep = q.size(2) // k.size(2)
+    k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       attn_mask=mask[:, None])
+    return y.transpose(1, 2)
+
+
+def attention_flash3(q, k, v, seg):
+    from flash_attn_interface import flash_attn_varlen_func
+    B, T, H, D = q.shape
+    starts = torch.ones_like(seg, dtype=torch.bool)
+    starts[:, 1:] = seg[:, 1:] != seg[:, :-1]
+    pos = torch.nonzero(starts.reshape(-1)).flatten().to(torch.int32)
+    cu = torch.cat([pos, pos.new_tensor([B * T])])
+    out = flash_attn_varlen_func(q.reshape(B * T, H, D), k.reshape(B * T, -1, D), v.reshape(B * T, -1, D),
+                                 cu, cu, T, T, causal=True)
+    out = out[0] if isinstance(out, tuple) else out
+    return out.reshape(B, T, H, D)
+
+
+def attention_flex(q, k, v, seg):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    B, T = seg.shape
+
+    def doc_causal(b, h, qi, ki):
+        return (qi >= ki) & (seg[b, qi] == seg[b, ki])
+    bm = create_block_mask(doc_causal, B, None, T, T, device=q.device)
+    y = flex_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=bm, enable_gqa=True)
+    return y.transpose(1, 2)
+
+
+ATTENTION_BACKENDS = {"sdpa": attention_sdpa, "flash3": attention_flash3, "flex": attention_flex}
+
+
+def attention_reference(q, k, v, seg):
+    """Plain per-document loop: what every backend must equal."""
+    out = torch.zeros_like(q)
+    rep = q.size(2) // k.size(2)
+    for b in range(q.size(0)):
+        for d in torch.unique(seg[b]):
+            idx = (seg[b] == d).nonzero().flatten()
+            qs, ks, vs = q[b, idx].transpose(0, 1), k[b, idx].transpose(0, 1), v[b, idx].transpose(0, 1)
+            ks, vs = ks.repeat_interleave(rep, 0), vs.repeat_interleave(rep, 0)
+            att = (qs @ ks.transpose(-1, -2)) / math.sqrt(q.size(-1))
+            n = idx.numel()
+            att = att.masked_fill(~torch.ones(n, n, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+            out[b, idx] = (att.softmax(-1) @ vs).transpose(0, 1)
+    return out
+
+
+def softcap_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, cap: float,
+                          reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of the full softmax over cap*tanh(z/cap), in fp32 (spec §3.12)."""
+    z = logits.float()
+    if cap > 0:
+        z = cap * torch.tanh(z / cap)
+    return F.cross_entropy(z.reshape(-1, z.size(-1)), targets.reshape(-1), reduction=reduction)
+
+
+# =============================================================================================
+# Model: norms, rotary, attention, MLP, block, GPT. Every architectural feature is a flag on the one
+# forward path; TTT LoRA adapters enter as the optional `lora` argument.
+# =============================================================================================
+
+CONTROL_TENSOR_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weights", "skip_gates",
+                           "parallel_post_lambdas", "parallel_resid_lambdas", "attn_gate_w", "smear_gate",
+                           "smear_lambda")
+
+
+def rms_norm(x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def rotary_tables(T: int, rope_dims: int, base: float, train_seq_len: int, yarn: bool, device, dtype):
+    """cos/sin [T, rope_dims/2]; YaRN-style base stretch only when T exceeds the training length."""
+    if yarn and T > train_seq_len and rope_dims > 2:
+        base = base * (T / train_seq_len) ** (rope_dims / (rope_dims - 2))
+    inv_freq = base ** (-torch.arange(0, rope_dims, 2, dtype=torch.float32, device=device) / rope_dims)
+    ang = torch.arange(T, dtype=torch.float32, device=device)[:, None] * inv_freq[None]
+    return ang.cos().to(dtype), ang.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first 2*cos.size(-1) dims of each head (partial RoPE); the rest pass through."""
+    half = cos.size(-1)
+    a, b, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    return torch.cat([a * c + b * s, b * c - a * s, rest], dim=-1)
+
+
+class BatchedLoRA(nn.Module):
+    """Per-document low-rank adapters for TTT: one (A, B) pair per (layer slot, target), batched over docs.
+    delta(x) = (x A^T) B^T * alpha/r; B starts at zero so a fresh adapter is the identity."""
+
+    def __init__(self, bsz: int, rank: int, alpha: float, shapes: dict[str, tuple[int, int]], device):
+        super().__init__()
+        self.rank, self.scale = rank, alpha / rank
+        self.names = sorted(shapes)
+        self.A = nn.ParameterDict()
+        self.B = nn.ParameterDict()
+        for name in self.names:
+            fan_in, fan_out = shapes[name]
+            self.A[name] = nn.Parameter(torch.empty(bsz, rank, fan_in, device=device))
+            self.B[name] = nn.Parameter(torch.zeros(bsz, fan_out, rank, device=device))
+        self.reset(reinit_a=True)
+
+    @torch.no_grad()
+    def reset(self, reinit_a: bool) -> None:
+        for name in self.names:
+            self.B[name].zero_()
+            if reinit_a:
+                bound = 1.0 / math.sqrt(self.A[name].size(-1))
+                self.A[name].uniform_(-bound, bound)
+
+    def delta(self, name: str, x: torch.Tensor):
+        if name not in self.A:
+            return None
+        A, B = self.A[name][: x.size(0)], self.B[name][: x.size(0)]
+        return torch.bmm(torch.bmm(x, A.transpose(1, 2).to(x.dtype)), B.transpose(1, 2).to(x.dtype)) * self.scale
+
+
+def _add_delta(y, lora, name, x):
+    d = None if lora is None else lora.delta(name, x)
+    return y if d is None else y + d
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, hp: Hyperparameters):
+        super().__init__()
+        d, H, Hkv = hp.model_dim, hp.num_heads, hp.num_kv_heads
+        self.H, self.Hkv, self.D = H, Hkv, d // H
+        self.c_q = nn.Linear(d, d, bias=False)
+        self.c_k = nn.Linear(d, Hkv * self.D, bias=False)
+        self.c_v = nn.Linear(d, Hkv * self.D, bias=False)
+        self.proj = nn.Linear(d, d, bias=False)
+        self.q_gain = nn.Parameter(torch.full((H,), hp.qk_gain_init))
+        self.gate_window, self.gate_scale = hp.gate_window, hp.sparse_attn_gate_scale
+        self.attn_gate_w = nn.Parameter(torch.zeros(H, hp.gate_window)) if hp.sparse_attn_gate_enabled else None
+
+    def forward(self, u, seg, rope, xsa: bool, backend: str, lora=None, slot: int = 0):
+        B, T, _ = u.shape
+        q = _add_delta(self.c_q(u), lora, f"{slot}_q", u).view(B, T, self.H, self.D)
+        k = _add_delta(self.c_k(u), lora, f"{slot}_k", u).view(B, T, self.Hkv, self.D)
+        v = _add_delta(self.c_v(u), lora, f"{slot}_v", u).view(B, T, self.Hkv, self.D)
+        q, k = rms_norm(q), rms_norm(k)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        q = q * self.q_gain.to(q.dtype)[None, None, :, None]
+        y = ATTENTION_BACKENDS[backend](q, k, v, seg)
+        if xsa:  # remove each head's component along its own token's value direction (XSA)
+            g = self.H // self.Hkv
+            yv = y.view(B, T, self.Hkv, g, self.D)
+            vn = F.normalize(v, dim=-1)[:, :, :, None, :]
+            y = (yv - (yv * vn).sum(-1, keepdim=True) * vn).view(B, T, self.H, self.D)
+        if self.attn_gate_w is not None:
+            gate = torch.sigmoid(self.gate_scale * (u[..., : self.gate_window] @ self.attn_gate_w.to(u.dtype).T))
+            y = y * gate[..., None]
+        return _add_delta(self.proj(y.reshape(B, T, -1)), lora, f"{slot}_o", u)
+
+
+class MLP(nn.Module):
+    def __init__(self, hp: Hyperparameters):
+        super().__init__()
+        hidden = int(hp.mlp_mult * hp.model_dim)
+        self.fc = nn.Linear(hp.model_dim, hidden, bias=False)
+        self.proj = nn.Linear(hidden, hp.model_dim, bias=False)
+        self.slope = hp.mlp_negative_slope
+
+    def forward(self, u, lora=None, slot: int = 0):
+        h = self.fc(u)
+        h = F.leaky_relu(h, self.slope) if self.slope > 0 else F.relu(h)
+        return _add_delta(self.proj(h.square()), lora, f"{slot}_mlp", u)
+
+
+class Block(nn.Module):
+    def __init__(self, hp: Hyperparameters, layer: int):
+        super().__init__()
+        d = hp.model_dim
+        self.attn, self.mlp = CausalSelfAttention(hp), MLP(hp)
+        self.attn_scale = nn.Parameter(torch.ones(d))
+        self.mlp_scale = nn.Parameter(torch.ones(d))
+        self.resid_mix = nn.Parameter(torch.stack([torch.ones(d), torch.zeros(d)]))
+        self.in_scale = 1.0 / math.sqrt(layer + 1) if hp.ln_scale else 1.0
+        self.xsa = layer >= hp.num_layers - hp.xsa_last_n
+
+    def forward(self, x, x0, seg, rope, backend, lora=None, slot=0):
+        mix = self.resid_mix.to(x.dtype)
+        h = mix[0] * x + mix[1] * x0
+        h = h + self.attn_scale.to(x.dtype) * self.attn(rms_norm(h) * self.in_scale, seg, rope, self.xsa,
+                                                         backend, lora, slot)
+        return h + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(h) * self.in_scale, lora, slot)
+
+    def forward_parallel(self, lanes, x0, seg, rope, backend, post, resid, lora=None, slot=0):
+        lane0, lane1 = lanes
+        mix = self.resid_mix.to(x0.dtype)
+        a = self.attn_scale.to(x0.dtype) * self.attn(rms_norm(mix[0] * lane0 + mix[1] * x0) * self.in_scale,
+                                                     seg, rope, self.xsa, backend, lora, slot)
+        m = self.mlp_scale.to(x0.dtype) * self.mlp(rms_norm(lane1) * self.in_scale, lora, slot)
+        post, resid = post.to(x0.dtype), resid.to(x0.dtype)
+        return (resid[0] * lane0 + post[0, 0] * a + post[1, 0] * m,
+                resid[1] * lane1 + post[0, 1] * a + post[1, 1] * m)
+
+
+def layer_schedule(num_layers: int, looping: bool, num_loops: int, loop_start: int, loop_end: int):
+    """(encoder, decoder) physical layer indices; with looping the segment repeats NUM_LOOPS extra times."""
+    order = list(range(num_layers))
+    if looping and num_loops > 0:
+        seg = order[loop_start: loop_end + 1]
+        order = order[:loop_start] + seg * (num_loops + 1) + order[loop_end + 1:]
+    n_enc = len(order) // 2
+    return order[:n_enc], order[n_enc:]
+
+
+class GPT(nn.Module):
+    def __init__(self, hp: Hyperparameters, bos_id: int, attn_backend: str = "sdpa"):
+        super().__init__()
+        self.hp, self.bos_id, self.attn_backend = hp, bos_id, attn_backend
+        d, L = hp.model_dim, hp.num_layers
+        self.tok_emb = nn.Embedding(hp.vocab_size, d)
+        self.blocks = nn.ModuleList([Block(hp, i) for i in range(L)])
+        enc, dec = layer_schedule(L, True, hp.num_loops, hp.loop_start, hp.loop_end)
+        self.num_skips = min(len(enc), len(dec))
+        self.skip_weights = nn.Parameter(torch.ones(self.num_skips, d))
+        self.skip_gates = nn.Parameter(torch.zeros(self.num_skips, d)) if hp.skip_gates_enabled else None
+        if hp.parallel_start_layer > 0:
+            self.parallel_post_lambdas = nn.Parameter(torch.ones(L, 2, 2))
+            self.parallel_resid_lambdas = nn.Parameter(torch.full((L, 2), 1.1))
+        if hp.smear_gate_enabled:
+            self.smear_gate = nn.Linear(hp.gate_window, 1, bias=False)
+            self.smear_lambda = nn.Parameter(torch.zeros(1))
+        self.lm_head = None if hp.tie_embeddings else nn.Linear(d, hp.vocab_size, bias=False)
+        self.head_input = nn.Identity()  # hook point: Hessian of the (tied) output head
+        self.looping = False
+        self._rope_cache: dict = {}
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.tok_emb.weight, std=self.hp.tied_embed_init_std)
+        for b in self.blocks:
+            for lin in (b.attn.c_q, b.attn.c_k, b.attn.c_v, b.mlp.fc):
+                nn.init.orthogonal_(lin.weight)
+            nn.init.zeros_(b.attn.proj.weight)
+            nn.init.zeros_(b.mlp.proj.weight)
+        if self.lm_head is not None:
+            nn.init.zeros_(self.lm_head.weight)
+        if self.hp.smear_gate_enabled:
+            nn.init.zeros_(self.smear_gate.weight)
+
+    def schedule(self):
+        return layer_schedule(self.hp.num_layers, self.looping, self.hp.num_loops, self.hp.loop_start,
+                              self.hp.loop_end)
+
+    def rope(self, T: int, device, dtype):
+        hd = self.hp.model_dim // self.hp.num_heads
+        dims = self.hp.rope_dims or hd
+        key = (T, device, dtype)
+        if key not in self._rope_cache:
+            self._rope_cache = {key: rotary_tables(T, dims, self.hp.rope_base, self.hp.train_seq_len,
+                                                   self.hp.rope_yarn, device, dtype)}
+        return self._rope_cache[key]
+
+    def smear(self, x, ids):
+        """SmearGate: e_t += lambda*sigmoid(w.e_t[:W]) * e_{t-1}, never across a BOS (document start)."""
+        g = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., : self.hp.gate_window]))
+        keep = (ids[:, 1:] != self.bos_id).to(x.dtype)[..., None]
+        return torch.cat([x[:, :1], x[:, 1:] + g[:, 1:] * x[:, :-1] * keep], dim=1)
+
+    def forward_hidden(self, ids: torch.Tensor, lora=None) -> torch.Tensor:
+        hp = self.hp
+        x = self.tok_emb(ids)
+        if torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        if hp.smear_gate_enabled:
+            x = self.smear(x, ids)
+        x = rms_norm(x)
+        x0, seg = x, segment_ids(ids, self.bos_id)
+        rope = self.rope(ids.size(1), x.device, x.dtype)
+        enc, dec = self.schedule()
+        skips, slot = [], 0
+        for i in enc:
+            x = self.blocks[i](x, x0, seg, rope, self.attn_backend, lora, slot)
+            skips.append(x)
+            slot += 1
+        lanes = None
+        for k, i in enumerate(dec):
+            skip = skips.pop() if k < self.num_skips and skips else None
+            if lanes is None and hp.parallel_start_layer > 0 and i >= hp.parallel_start_layer:
+                lanes = (x, x)
+            if skip is not None:
+                target = x if lanes is None else lanes[0]
+                w = self.skip_weights[k].to(x.dtype) * skip
+                if self.skip_gates is not None:
+                    merged = torch.lerp(w, target, torch.sigmoid(self.skip_gates[k]).to(x.dtype))
+                else:
+                    merged = target + w
+                if lanes is None:
+                    x = merged
+                else:
+                    lanes = (merged, lanes[1])
+            if lanes is None:
+                x = self.blocks[i](x, x0, seg, rope, self.attn_backend, lora, slot)
+            else:
+                lanes = self.blocks[i].forward_parallel(lanes, x0, seg, rope, self.attn_backend,
+                                                        self.parallel_post_lambdas[i],
+                                                        self.parallel_resid_lambdas[i], lora, slot)
+            slot += 1
+        if lanes is not None:
+            x = {"mean": 0.5 * (lanes[0] + lanes[1]), "attn": lanes[0], "mlp": lanes[1]}[hp.parallel_final_lane]
+        return self.head_input(rms_norm(x))
+
+    def forward_logits(self, ids: torch.Tensor, lora=None) -> torch.Tensor:
+        """Raw (pre-softcap) logits."""
+        h = self.forward_hidden(ids, lora)
+        w = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+        return _add_delta(F.linear(h, w.to(h.dtype)), lora, "head", h)
+
+    def forward(self, ids, targets, lora=None, reduction: str = "mean"):
+        logits = self.forward_logits(ids, lora)
+        loss = softcap_cross_entropy(logits, targets, self.hp.logit_softcap, reduction)
+        return loss if reduction != "none" else loss.view(targets.shape)
+
+    def lora_shapes(self, hp: Hyperparameters) -> dict[str, tuple[int, int]]:
+        """Adapter targets per layer slot (repeated layers get their own adapters), plus the output head."""
+        d, kv = hp.model_dim, hp.num_kv_heads * (hp.model_dim // hp.num_heads)
+        enc, dec = self.schedule()
+        shapes = {"head": (d, hp.vocab_size)}
+        for s in range(len(enc) + len(dec)):
+            shapes.update({f"{s}_q": (d, d), f"{s}_k": (d, kv), f"{s}_v": (d, kv), f"{s}_o": (d, d),
+                           f"{s}_mlp": (d, d)})
+        return shapes
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def is_control_tensor(name: str) -> bool:
+    return any(p in name for p in CONTROL_TENSOR_PATTERNS)
+
+
+# =============================================================================================
+# Optimizer: Newton-Schulz orthogonalization, sharded Muon, Adam groups, gradient clipping, EMA, and the
+# learning-rate / momentum schedules as functions of training progress.
+# =============================================================================================
+
+# Per-iteration (a, b, c) of X <- aX + (bA + cA^2)X, A = XX^T. Polar Express: spec §4.2 (PR #1855 lineage);
+# standard: the quintic of the original Muon (Keller Jordan, 2024), repeated every step.
+NS_COEFFICIENTS = {
+    "polar_express": [(8.156554524902461, -22.48329292557795, 15.878769915207462),
+                      (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+                      (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+                      (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+                      (2.3465413258596377, -1.7097828382687081, 0.42323551169305323)],
+    "standard": [(3.4445, -4.7750, 2.0315)],
+}
+
+
+def orthogonalize(G: torch.Tensor, steps: int, coeffs: str = "polar_express") -> torch.Tensor:
+    """Approximate the polar factor U V^T of each matrix in G ([..., r, c]) by Newton-Schulz iterations.
+    bf16 on CUDA (as the record), fp32 elsewhere."""
+    table = NS_COEFFICIENTS[coeffs]
+    X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)
+    transpose = X.size(-2) > X.size(-1)
+    if transpose:
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for i in range(steps):
+        a, b, c = table[min(i, len(table) - 1)]
+        A = X @ X.mT
+        X = a * X + (b * A + c * (A @ A)) @ X
+    return (X.mT if transpose else X).to(G.dtype)
+
+
+def _reduce_scatter(out, inp):
+    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    fn(out, inp)
+
+
+def _all_gather(out, inp):
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    fn(out, inp)
+
+
+class Muon:
+    """Muon on 2-D matrices, grouped by shape. Each shape group is stacked, padded to a multiple of the
+    world size and reduce-scattered, so each rank averages, momentum-updates and orthogonalizes only its
+    share; the updates are all-gathered and applied on every replica. One process: no collectives."""
+
+    def __init__(self, params: list[nn.Parameter], hp: Hyperparameters, world_size: int, rank: int):
+        self.hp, self.world, self.rank = hp, world_size, rank
+        self.lr = hp.matrix_lr
+        self.momentum = hp.muon_momentum
+        groups: dict[tuple, list] = {}
+        for p in params:
+            groups.setdefault(tuple(p.shape), []).append(p)
+        # largest groups first: their collectives start earliest
+        self.groups = sorted(groups.values(), key=lambda g: -g[0].numel() * len(g))
+        self.state: list[torch.Tensor | None] = [None] * len(self.groups)
+        self._shards: list[torch.Tensor] = []
+
+    def _padded(self, n: int) -> int:
+        return -(-n // self.world) * self.world
+
+    def reduce_grads(self) -> None:
+        """Average gradients across ranks; keep this rank's shard of each group (fp32)."""
+        self._shards = []
+        for group in self.groups:
+            n, per = len(group), self._padded(len(group)) // self.world
+            stacked = torch.zeros((self._padded(n),) + tuple(group[0].shape), device=group[0].device)
+            for i, p in enumerate(group):
+                if p.grad is not None:
+                    stacked[i].copy_(p.grad)
+            if self.world > 1:
+                shard = torch.empty((per,) + stacked.shape[1:], device=stacked.device)
+                _reduce_scatter(shard, stacked)
+                shard /= self.world
+            else:
+                shard = stacked
+            self._shards.append(shard)
+
+    def shard_sq_norm(self) -> torch.Tensor:
+        return sum((s.float().square().sum() for s in self._shards), torch.zeros((), device=self._shards[0].device))
+
+    @torch.no_grad()
+    def step(self, grad_scale: float = 1.0) -> None:
+        hp = self.hp
+        for gi, (group, shard) in enumerate(zip(self.groups, self._shards)):
+            g = shard * grad_scale
+            buf = self.state[gi]
+            if buf is None:
+                buf = self.state[gi] = torch.zeros_like(g)
+            buf.mul_(self.momentum).add_(g)
+            u = g + self.momentum * buf  # Nesterov
+            if hp.muon_row_normalize:
+                u = u / u.float().norm(dim=-1, keepdim=True).clamp_min(1e-7)
+            u = orthogonalize(u, hp.muon_backend_steps, hp.muon_coeffs)
+            if self.world > 1:
+                full = torch.empty((self._padded(len(group)),) + tuple(u.shape[1:]), device=u.device, dtype=u.dtype)
+                _all_gather(full, u.contiguous())
+            else:
+                full = u
+            rows, cols = group[0].shape
+            scale = math.sqrt(max(1.0, rows / cols))
+            for i, p in enumerate(group):
+                if hp.muon_wd > 0:
+                    p.mul_(1 - self.lr * hp.muon_wd)
+                p.add_(full[i].to(p.dtype), alpha=-self.lr * scale)
+
+    def state_dict(self):
+        return [None if s is None else s.clone() for s in self.state]
+
+    def load_state_dict(self, st):
+        self.state = [None if s is None else s.clone() for s in st]
+
+
+class Optimizers:
+    """Muon on the block matrices, AdamW on the embedding / head and on the control tensors. One step:
+    average grads across ranks, clip the global norm of the averaged gradient, update, zero."""
+
+    def __init__(self, model: GPT, hp: Hyperparameters, rt_world: int, rt_rank: int):
+        self.hp, self.model, self.world = hp, model, rt_world
+        matrices, scalars, embed, head = [], [], [], []
+        for name, p in model.named_parameters():
+            if name == "tok_emb.weight":
+                embed.append(p)
+            elif name.startswith("lm_head"):
+                head.append(p)
+            elif p.ndim == 2 and not is_control_tensor(name):
+                matrices.append(p)
+            else:
+                scalars.append(p)
+        self.muon = Muon(matrices, hp, rt_world, rt_rank)
+        fused = {"fused": True} if next(model.parameters()).is_cuda else {}
+        betas, eps = (hp.beta1, hp.beta2), hp.adam_eps
+        groups = [dict(params=embed, lr=hp.tied_embed_lr if hp.tie_embeddings else hp.embed_lr,
+                       weight_decay=hp.embed_wd),
+                  dict(params=scalars, lr=hp.scalar_lr, weight_decay=hp.adam_wd)]
+        if head:
+            groups.append(dict(params=head, lr=HEAD_LR, weight_decay=0.0))
+        for g in groups:
+            g["base_lr"] = g["lr"]
+        self.adam = torch.optim.AdamW(groups, betas=betas, eps=eps, **fused)
+        self.replicated = [p for g in groups for p in g["params"]]
+
+    def set_schedule(self, lr_mult: float, momentum: float) -> None:
+        for g in self.adam.param_groups:
+            g["lr"] = g["base_lr"] * lr_mult
+        self.muon.lr = self.hp.matrix_lr * lr_mult
+        self.muon.momentum = momentum
+
+    @torch.no_grad()
+    def step(self) -> float:
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.replicated]
+        for p, g in zip(self.replicated, grads):
+            p.grad = g
+        if self.world > 1:
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            all_reduce_(flat)
+            flat /= self.world
+            off = 0
+            for g in grads:
+                g.copy_(flat[off: off + g.numel()].view_as(g))
+                off += g.numel()
+        self.muon.reduce_grads()
+        sq = self.muon.shard_sq_norm()
+        if self.world > 1:
+            all_reduce_(sq)
+        sq = sq + sum((g.float().square().sum() for g in grads), torch.zeros((), device=sq.device))
+        norm = float(sq.sqrt())
+        scale = 1.0
+        if self.hp.grad_clip_norm > 0 and norm > self.hp.grad_clip_norm:
+            scale = self.hp.grad_clip_norm / (norm + 1e-6)
+            for g in grads:
+                g.mul_(scale)
+        self.muon.step(scale)
+        self.adam.step()
+        self.model.zero_grad(set_to_none=True)
+        return norm
+
+    def state_dict(self):
+        import copy
+        return {"adam": copy.deepcopy(self.adam.state_dict()), "muon": self.muon.state_dict()}
+
+    def load_state_dict(self, st):
+        import copy
+        self.adam.load_state_dict(copy.deepcopy(st["adam"]))
+        self.muon.load_state_dict(st["muon"])
+
+
+HEAD_LR = 0.008  # untied output head Adam lr (the challenge baseline's HEAD_LR)
+
+
+class ModelEMA:
+    """fp32 exponential moving average of every floating state tensor (spec §4.6)."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        if self.decay <= 0:
+            return
+        sd = model.state_dict()
+        keys = list(self.shadow)
+        torch._foreach_lerp_([self.shadow[k] for k in keys], [sd[k].float() for k in keys], 1.0 - self.decay)
+
+    @torch.no_grad()
+    def apply_to(self, model: nn.Module) -> None:
+        sd = model.state_dict()
+        for k, v in self.shadow.items():
+            sd[k].copy_(v.to(sd[k].dtype))
+
+
+def lr_multiplier(frac: float, step: int, hp: Hyperparameters) -> float:
+    """Linear warm-up over LR_WARMUP_STEPS steps, flat, then linear warmdown over the last WARMDOWN_FRAC of
+    training progress down to the MIN_LR floor (spec §4.4)."""
+    warm = min(1.0, (step + 1) / hp.lr_warmup_steps) if hp.lr_warmup_steps > 0 else 1.0
+    if hp.warmdown_frac <= 0 or frac < 1.0 - hp.warmdown_frac:
+        return warm
+    return warm * max((1.0 - frac) / hp.warmdown_frac, hp.min_lr)
+
+
+def muon_momentum_at(step: int, hp: Hyperparameters) -> float:
+    if hp.muon_momentum_warmup_steps <= 0:
+        return hp.muon_momentum
+    f = min(step / hp.muon_momentum_warmup_steps, 1.0)
+    return (1 - f) * hp.muon_momentum_warmup_start + f * hp.muon_momentum
+
+
+# =============================================================================================
+# Training: warm-up (rolled back), the timed loop under the wall-clock budget that reserves the measured
+# Hessian-collection time, periodic validation, EMA.
+# =============================================================================================
+
+@dataclass
+class TrainResult:
+    steps: int = 0
+    train_time_ms: float = 0.0
+    tokens_per_s: float = 0.0
+    stop_reason: str = ""
+    hessian_estimate_s: float = 0.0
+    looping_step: int | None = None
+    train_log: list = field(default_factory=list)
+    val_log: list = field(default_factory=list)
+
+    @property
+    def step_avg_ms(self) -> float:
+        return self.train_time_ms / max(self.steps, 1)
+
+
+def usable_train_seconds(hp: Hyperparameters, hessian_estimate_s: float) -> float:
+    """Training seconds left once the measured Hessian cost and the fixed margin are reserved."""
+    return max(hp.max_wallclock_seconds - hessian_estimate_s - hp.gptq_reserve_seconds, 0.0)
+
+
+def training_fraction(elapsed_s: float, step: int, hp: Hyperparameters, hessian_estimate_s: float) -> float:
+    if hp.max_wallclock_seconds > 0:
+        return min(elapsed_s / max(usable_train_seconds(hp, hessian_estimate_s), 1e-9), 1.0)
+    return min(step / max(hp.iterations, 1), 1.0)
+
+
+def stop_reason(elapsed_s: float, step: int, step_avg_s: float, hp: Hyperparameters,
+                hessian_estimate_s: float) -> str:
+    """'' to go on; else why training stops. The wall-clock rule stops when one more step would not fit
+    before the reserved Hessian time (so training + Hessians end inside MAX_WALLCLOCK_SECONDS)."""
+    if hp.iterations and step >= hp.iterations:
+        return "iterations"
+    if hp.max_wallclock_seconds > 0 and elapsed_s + step_avg_s > usable_train_seconds(hp, hessian_estimate_s):
+        return "wallclock_cap"
+    return ""
+
+
+def autocast_context(hp: Hyperparameters, device: torch.device):
+    use = hp.autocast_bf16 == "1" or (hp.autocast_bf16 == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use)
+
+
+def maybe_compile(module, hp: Hyperparameters, device: torch.device):
+    if hp.compile == "1" or (hp.compile == "auto" and device.type == "cuda"):
+        return torch.compile(module, dynamic=False)
+    return module
+
+
+def make_train_loader(hp: Hyperparameters, rt: Runtime, files: list[str]):
+    local = hp.train_batch_tokens // (rt.world_size * rt.grad_accum_steps)
+    if hp.train_loader == "packed":
+        return PackedDocumentLoader(files, rt.rank, rt.world_size, local, hp.train_seq_len, rt.device)
+    return ShuffledSequenceLoader(files, rt.rank, rt.world_size, local, hp.train_seq_len, rt.device, hp.seed)
+
+
+def calibration_loader(hp: Hyperparameters, rt: Runtime, files: list[str]) -> ShuffledSequenceLoader:
+    return ShuffledSequenceLoader(files, rt.rank, rt.world_size, hp.calibration_batch_tokens, hp.train_seq_len,
+                                  rt.device, hp.seed + 1)
+
+
+def train(hp: Hyperparameters, rt: Runtime, model: GPT, train_files: list[str], val: ValidationData | None,
+          luts: TokenByteLUTs, clock=time.perf_counter) -> tuple[TrainResult, ModelEMA]:
+    log = rt.logger.log
+    opt = Optimizers(model, hp, rt.world_size, rt.rank)
+    fwd = maybe_compile(model, hp, rt.device)
+    res = TrainResult()
+
+    def train_step(loader, step: int, frac: float) -> float:
+        total = torch.zeros((), device=rt.device)
+        for _ in range(rt.grad_accum_steps):
+            x, y = loader.next_batch()
+            with autocast_context(hp, rt.device):
+                loss = fwd(x, y)
+            (loss / rt.grad_accum_steps).backward()
+            total += loss.detach()
+        opt.set_schedule(lr_multiplier(frac, step, hp), muon_momentum_at(step, hp))
+        opt.step()
+        return float(total) / rt.grad_accum_steps
+
+    # Warm-up: compile / allocator warm-up with both layer schedules, plus a timed Hessian batch; then roll
+    # back weights, optimizer state and loader so the timed run starts from the true init (spec §4.5).
+    if hp.warmup_steps > 0 or hp.max_wallclock_seconds > 0:
+        snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        opt_state = opt.state_dict()
+        loader = make_train_loader(hp, rt, train_files)
+        phases = [False, True] if hp.num_loops > 0 else [False]
+        for looping in phases:
+            model.looping = looping
+            for s in range(hp.warmup_steps):
+                train_step(loader, 0, 0.0)
+            if hp.warmup_steps:
+                log(f"warmup: {hp.warmup_steps} steps looping:{int(looping)}")
+        model.looping = hp.num_loops > 0
+        if hp.max_wallclock_seconds > 0:
+            calib = calibration_loader(hp, rt, train_files)
+            collect_hessians(model, calib, 1, hp, rt)  # first call pays one-off costs
+            t0 = clock()
+            collect_hessians(model, calib, 1, hp, rt)
+            per_batch = clock() - t0
+            res.hessian_estimate_s = HESSIAN_ESTIMATE_SAFETY * per_batch * hp.gptq_calibration_batches
+            log(f"hessian_estimate: {res.hessian_estimate_s:.2f}s ({hp.gptq_calibration_batches} batches x "
+                f"{per_batch * 1000:.0f}ms x {HESSIAN_ESTIMATE_SAFETY}) + reserve {hp.gptq_reserve_seconds:.1f}s; "
+                f"training budget {usable_train_seconds(hp, res.hessian_estimate_s):.1f}s")
+        model.load_state_dict(snapshot)
+        opt.load_state_dict(opt_state)
+        model.zero_grad(set_to_none=True)
+        model.looping = False
+    loader = make_train_loader(hp, rt, train_files)
+    ema = ModelEMA(model, hp.ema_decay)
+    tokens_per_step = hp.train_batch_tokens
+    elapsed, step = 0.0, 0
+    model.train()
+    while True:
+        frac = training_fraction(elapsed, step, hp, res.hessian_estimate_s)
+        if hp.num_loops > 0 and not model.looping and frac >= hp.enable_looping_at:
+            model.looping, res.looping_step = True, step
+            enc, dec = model.schedule()
+            log(f"layer_loop:enabled step:{step} frac:{frac:.3f} encoder:{enc} decoder:{dec}")
+        reason = stop_reason(elapsed, step, elapsed / max(step, 1), hp, res.hessian_estimate_s)
+        if agree_any(bool(reason), rt.device):
+            res.stop_reason = reason or "wallclock_cap"
+            break
+        t0 = clock()
+        loss = train_step(loader, step, frac)
+        ema.update(model)
+        if rt.device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed += clock() - t0
+        step += 1
+        if step <= 5 or step % hp.train_log_every == 0:
+            tps = step * tokens_per_step / max(elapsed, 1e-9)
+            res.train_log.append({"step": step, "train_loss": loss, "train_time_ms": elapsed * 1000})
+            log(f"{step}/{hp.iterations} train_loss: {loss:.4f} train_time: {elapsed / 60:.1f}m tok/s: {tps:.0f}")
+        if hp.val_loss_every and val is not None and step % hp.val_loss_every == 0:
+            r = eval_val(model, val, hp, rt)
+            res.val_log.append({"step": step, "val_loss": r.val_loss, "val_bpb": r.val_bpb,
+                                "train_time_ms": elapsed * 1000})
+            log(f"{step}/{hp.iterations} val_loss: {r.val_loss:.4f} val_bpb: {r.val_bpb:.4f}")
+            model.train()
+    res.steps, res.train_time_ms = step, elapsed * 1000
+    res.tokens_per_s = step * tokens_per_step / max(elapsed, 1e-9)
+    if res.stop_reason == "wallclock_cap":
+        log(f"stopping_early: wallclock_cap train_time: {elapsed * 1000:.0f}ms step: {step}/{hp.iterations}")
+    if rt.device.type == "cuda":
+        log(f"peak memory allocated: {torch.cuda.max_memory_allocated() >> 20} MiB "
+            f"reserved: {torch.cuda.max_memory_reserved() >> 20} MiB")
+    return res, ema
+
+
+HESSIAN_ESTIMATE_SAFETY = 1.5  # measured per-batch Hessian time x this factor: covers jitter and GPTQ setup
+
+
+# =============================================================================================
+# Quantization: Hessians from training data, GPTQ with SDClip per-row scales, clip selection (fixed /
+# adaptive Hessian sensitivity / byte budget), LQER low-rank error correction, quantize_state().
+# =============================================================================================
+
+GPTQ_BLOCK = 128          # columns per GPTQ block (spec §5.5)
+GPTQ_DAMP = 0.01          # diagonal damping, fraction of mean(diag H) (spec §5.5)
+GATE_INT8_MAX_NUMEL = 8192  # gate tensors up to this size are stored int8 per row (spec §5.3)
+
+
+def quantizable_linears(model: GPT) -> dict[str, nn.Module]:
+    """Weight name -> module whose forward input X gives the Hessian X^T X of that weight."""
+    out = {}
+    for i, b in enumerate(model.blocks):
+        for sub in ("c_q", "c_k", "c_v", "proj"):
+            out[f"blocks.{i}.attn.{sub}.weight"] = getattr(b.attn, sub)
+        out[f"blocks.{i}.mlp.fc.weight"] = b.mlp.fc
+        out[f"blocks.{i}.mlp.proj.weight"] = b.mlp.proj
+    out["lm_head.weight" if model.lm_head is not None else "tok_emb.weight"] = model.head_input
+    return out
+
+
+@torch.no_grad()
+def collect_hessians(model: GPT, loader, batches: int, hp: Hyperparameters, rt: Runtime) -> dict[str, torch.Tensor]:
+    """H = mean over batches of X^T X for the input of every quantized linear map, from TRAINING data
+    (the loader reads only fineweb_train_* files), summed across ranks. c_q/c_k/c_v share one input."""
+    targets = quantizable_linears(model)
+    shared = {}
+    for name, mod in targets.items():
+        shared.setdefault(id(mod) if not name.endswith(("c_k.weight", "c_v.weight")) else
+                          id(getattr(model.blocks[int(name.split('.')[1])].attn, "c_q")), []).append(name)
+    sums: dict[int, torch.Tensor] = {}
+    hooks = []
+
+    def hook(mod, inp, out):
+        x = inp[0].detach().reshape(-1, inp[0].size(-1)).float()
+        key = id(mod)
+        if key in sums:
+            sums[key].addmm_(x.T, x)
+        else:
+            sums[key] = x.T @ x
+    mods = {id(m): m for m in targets.values()}
+    for key in shared:
+        hooks.append(mods[key].register_forward_hook(hook))
+    was_training = model.training
+    model.eval()
+    try:
+        for _ in range(batches):
+            x, _y = loader.next_batch()
+            with autocast_context(hp, rt.device):
+                model.forward_hidden(x)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    out = {}
+    for key, names in shared.items():
+        H = sums[key]
+        if rt.world_size > 1:
+            all_reduce_(H)
+        H /= batches * rt.world_size
+        for n in names:
+            out[n] = H
+    return out
+
+
+def quant_kind(name: str, t: torch.Tensor, hp: Hyperparameters) -> str:
+    """Routing (spec §5.3): int8 gate rows, fp16 passthrough for small/control tensors, else GPTQ."""
+    if name.endswith("attn_gate_w") and t.numel() <= GATE_INT8_MAX_NUMEL:
+        return "int8_row"
+    if not t.is_floating_point() or t.ndim != 2 or is_control_tensor(name) or t.numel() <= hp.quant_min_numel:
+        return "fp16"
+    return "gptq"
+
+
+def tensor_bits(name: str, hp: Hyperparameters) -> int:
+    return hp.embed_bits if name in ("tok_emb.weight", "lm_head.weight") else hp.matrix_bits
+
+
+def group_clip_sigmas(name: str, hp: Hyperparameters) -> float:
+    if name in ("tok_emb.weight", "lm_head.weight"):
+        return hp.embed_clip_sigmas
+    if ".mlp." in name:
+        return hp.mlp_clip_sigmas
+    if ".attn." in name:
+        return hp.attn_clip_sigmas
+    return hp.matrix_clip_sigmas
+
+
+def sdclip_scales(W: torch.Tensor, sigmas: float, bits: int) -> torch.Tensor:
+    """Per-row step s = k * std(row) / (2^(bits-1)-1), rounded to the fp16 value that is stored (§5.4)."""
+    R = 2 ** (bits - 1) - 1
+    return (sigmas * W.float().std(dim=1) / R).clamp_min(1e-10).half().float()
+
+
+def rtn_quantize(W: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    R = 2 ** (bits - 1) - 1
+    return torch.clamp(torch.round(W.float() / scale[:, None]), -R, R).to(torch.int8)
+
+
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """GPTQ (spec §5.5): act-order columns, damped inverse Hessian via Cholesky, blockwise error propagation.
+    Returns int8 codes in [-R, R] with the given per-row scales."""
+    R = 2 ** (bits - 1) - 1
+    W = W.detach().float().clone()
+    H = H.detach().float().clone().to(W.device)
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    perm = torch.argsort(torch.diag(H), descending=True)
+    inv = torch.argsort(perm)
+    W, H = W[:, perm], H[perm][:, perm]
+    damp = GPTQ_DAMP * torch.diag(H).mean()
+    for attempt in range(6):
+        try:
+            Hd = H + damp * (10 ** attempt) * torch.eye(H.size(0), device=H.device)
+            U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hd)), upper=True)
+            break
+        except RuntimeError:  # not positive definite: damp harder
+            continue
+    else:
+        raise RuntimeError("GPTQ: Hessian is not positive definite even with heavy damping")
+    s = scale.float().to(W.device)[:, None]
+    Q = torch.zeros_like(W, dtype=torch.int8)
+    cols = W.size(1)
+    for i1 in range(0, cols, GPTQ_BLOCK):
+        i2 = min(i1 + GPTQ_BLOCK, cols)
+        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
+        E1 = torch.zeros_like(W1)
+        for j in range(i2 - i1):
+            w = W1[:, j: j + 1]
+            q = torch.clamp(torch.round(w / s), -R, R)
+            Q[:, i1 + j] = q[:, 0].to(torch.int8)
+            e = (w - q * s) / U1[j, j]
+            W1[:, j:] -= e * U1[j: j + 1, j:]
+            E1[:, j: j + 1] = e
+        W[:, i2:] -= E1 @ U[i1:i2, i2:]
+    return Q[:, inv].contiguous()
+
+
+def hessian_weighted_error(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> float:
+    """tr((W - Wq) H (W - Wq)^T): the expected output error of the layer over the calibration inputs."""
+    E = (W.float() - Wq.float()).to(H.device)
+    return float(((E @ H.float()) * E).sum())
+
+
+def adaptive_clip_sigmas(stats: list[dict], hp: Hyperparameters) -> tuple[dict[str, float], float]:
+    """Per-tensor sigma = clamp(exp(exponent*log(mean diag H * row var W) + offset), min, max); `offset` is
+    bisected so that the numel-weighted mean log sigma equals that of the fixed per-group sigmas (same
+    overall budget, redistributed by sensitivity; spec §5.7)."""
+    numel = torch.tensor([s["numel"] for s in stats], dtype=torch.float64)
+    sens = torch.tensor([max(s["h_mean"] * s["row_var"], 1e-30) for s in stats], dtype=torch.float64)
+    base = torch.tensor([s["base_sigma"] for s in stats], dtype=torch.float64)
+    raw = hp.adaptive_clip_exponent * sens.log()
+    target = float((numel * base.log()).sum() / numel.sum())
+    lo_c, hi_c = math.log(hp.adaptive_clip_min), math.log(hp.adaptive_clip_max)
+
+    def mean_log(o):
+        return float((numel * (raw + o).clamp(lo_c, hi_c)).sum() / numel.sum())
+    lo, hi = -60.0, 60.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if mean_log(mid) < target else (lo, mid)
+    offset = 0.5 * (lo + hi)
+    sig = (raw + offset).clamp(lo_c, hi_c).exp()
+    return {s["name"]: float(v) for s, v in zip(stats, sig)}, offset
+
+
+def lqer_factors(E: torch.Tensor, rank: int, group: int) -> dict[str, torch.Tensor]:
+    """Rank-r SVD of the quantization error E ~ A B; A coded INT2 with one scale, B coded INT4 in groups of
+    `group` consecutive values (spec §5.6, asymmetric path)."""
+    U, S, Vh = torch.linalg.svd(E.float(), full_matrices=False)
+    r = min(rank, S.numel())
+    A, B = U[:, :r] * S[:r], Vh[:r]
+    sA = (A.abs().max() / 1.5).clamp_min(1e-10).half().float()
+    qA = torch.clamp(torch.round(A / sA), -2, 1).to(torch.int8)
+    flat = B.reshape(-1)
+    pad = (-flat.numel()) % group
+    groups = torch.cat([flat, flat.new_zeros(pad)]).view(-1, group)
+    sB = (groups.abs().amax(dim=1) / 7.5).clamp_min(1e-10).half().float()
+    qB = torch.clamp(torch.round(groups / sB[:, None]), -8, 7).to(torch.int8).reshape(-1)[: flat.numel()]
+    return {"lqA": qA, "lqAs": sA.half().reshape(1), "lqB": qB.view_as(B), "lqBs": sB.half()}
+
+
+def lqer_dequant(f: dict[str, torch.Tensor], group: int) -> torch.Tensor:
+    A = f["lqA"].float() * f["lqAs"].float()
+    flat = f["lqB"].float().reshape(-1)
+    pad = (-flat.numel()) % group
+    g = torch.cat([flat, flat.new_zeros(pad)]).view(-1, group) * f["lqBs"].float()[:, None]
+    return A @ g.reshape(-1)[: flat.numel()].view_as(f["lqB"])
+
+
+@dataclass
+class QEntry:
+    """One tensor of the quantized model. kind: gptq (codes q + per-row fp16 scale, optional LQER factors),
+    int8_row (gate codes + scale), fp16 (data)."""
+    kind: str
+    shape: tuple
+    dtype: str
+    q: torch.Tensor | None = None
+    scale: torch.Tensor | None = None
+    data: torch.Tensor | None = None
+    bits: int = 8
+    sigma: float = 0.0
+    lqer: dict | None = None
+
+
+def dequantize_entry(e: QEntry, lqer_group: int) -> torch.Tensor:
+    if e.kind == "fp16":
+        out = e.data.float()
+    else:
+        out = e.q.float() * e.scale.float()[:, None]
+        if e.lqer is not None:
+            out = out + lqer_dequant(e.lqer, lqer_group)
+    return out.to(getattr(torch, e.dtype)).view(e.shape)
+
+
+def dequantize_state(qs: dict[str, QEntry], lqer_group: int) -> dict[str, torch.Tensor]:
+    return {k: dequantize_entry(e, lqer_group) for k, e in qs.items()}
+
+
+def quantize_state(state: dict[str, torch.Tensor], hessians: dict[str, torch.Tensor], hp: Hyperparameters,
+                   log=print, code_bytes: int = 0, model_bytes_of=None) -> tuple[dict[str, QEntry], list[dict]]:
+    """Quantize a model state dict. Returns the entries and the per-tensor clip table. `model_bytes_of`
+    (entries -> compressed model bytes) is needed by CLIP_MODE=budget, which fits the artifact to its target."""
+    state = {k: v.detach().float().cpu() for k, v in state.items()}
+    entries: dict[str, QEntry] = {}
+    gptq_names = []
+    for name, t in state.items():
+        kind = quant_kind(name, t, hp)
+        dtype = "float32"
+        if kind == "fp16":
+            entries[name] = QEntry("fp16", tuple(t.shape), dtype, data=t.half())
+        elif kind == "int8_row":
+            s = (t.abs().amax(dim=1) / 127).clamp_min(1e-10).half().float()
+            entries[name] = QEntry("int8_row", tuple(t.shape), dtype, q=rtn_quantize(t, s, 8), scale=s.half(), bits=8)
+        else:
+            if name not in hessians:
+                raise KeyError(f"no Hessian collected for {name}")
+            gptq_names.append(name)
+    stats = []
+    for name in gptq_names:
+        W, H = state[name], hessians[name].cpu()
+        stats.append({"name": name, "numel": W.numel(), "h_mean": float(torch.diag(H).clamp_min(0).mean()),
+                      "row_var": float(W.var(dim=1).mean()), "base_sigma": group_clip_sigmas(name, hp),
+                      "bits": tensor_bits(name, hp)})
+    sigmas = {s["name"]: s["base_sigma"] for s in stats}
+    if hp.clip_mode in ("adaptive", "budget"):
+        matrices = [s for s in stats if s["name"] not in ("tok_emb.weight", "lm_head.weight")]
+        if matrices:
+            adaptive, offset = adaptive_clip_sigmas(matrices, hp)
+            sigmas.update(adaptive)
+            log(f"clip:adaptive offset:{offset:.6f} exponent:{hp.adaptive_clip_exponent}")
+
+    def finish(sig: dict[str, float]) -> dict[str, QEntry]:
+        out = dict(entries)
+        for s in stats:
+            name, W, bits = s["name"], state[s["name"]], s["bits"]
+            scale = sdclip_scales(W, sig[name], bits)
+            q = gptq_quantize(W, hessians[name].cpu(), scale, bits)
+            out[name] = QEntry("gptq", tuple(W.shape), "float32", q=q, scale=scale.half(), bits=bits, sigma=sig[name])
+        if hp.lqer_enabled and hp.lqer_rank > 0 and stats:
+            err = {n: state[n] - dequantize_entry(out[n], hp.lqer_asym_group) for n in gptq_names}
+            top = sorted(gptq_names, key=lambda n: -float(err[n].norm()))[: hp.lqer_top_k]
+            for n in top:
+                out[n].lqer = lqer_factors(err[n], hp.lqer_rank, hp.lqer_asym_group)
+        return out
+    if hp.clip_mode == "budget" and stats:
+        if model_bytes_of is None:
+            raise ValueError("CLIP_MODE=budget needs the artifact packer to measure bytes")
+        sigmas, result = budget_clip_sigmas(state, hessians, stats, sigmas, finish, model_bytes_of,
+                                            hp.target_artifact_bytes - code_bytes, hp, log)
+    else:
+        result = finish(sigmas)
+    for s in stats:
+        s["sigma"] = sigmas[s["name"]]
+    lq = [n for n, e in result.items() if e.lqer is not None]
+    if lq:
+        log(f"lqer: rank {hp.lqer_rank} on {lq}")
+    entries = result
+    table = [{k: s[k] for k in ("name", "numel", "h_mean", "row_var", "sigma", "bits")} for s in stats]
+    return entries, table
+
+
+BUDGET_SIGMA_GRID = (0.55, 0.65, 0.75, 0.85, 0.92, 1.0, 1.08, 1.18, 1.3, 1.45, 1.65, 1.9, 2.2)  # x adaptive sigma
+BUDGET_TOLERANCE = 0.005  # land within 0.5 % under the byte target
+
+
+def order0_entropy_bytes(codes: torch.Tensor) -> float:
+    counts = torch.bincount((codes.reshape(-1).to(torch.int64) + 128), minlength=256).double()
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * p.log2()).sum() * counts.sum() / 8)
+
+
+def budget_clip_sigmas(state, hessians, stats, start_sigmas, finish, model_bytes_of, target_bytes: int,
+                       hp: Hyperparameters, log):
+    """CLIP_MODE=budget: per-tensor sigma from a grid to minimise the summed Hessian-weighted error subject
+    to the compressed model landing just under `target_bytes`. Per-tensor (error, bytes) curves come from
+    round-to-nearest codes (bytes ~ order-0 entropy); a Lagrange multiplier is bisected to meet the byte
+    target, then the estimate is corrected against the real packed size and re-solved."""
+    curves = []
+    for s in stats:
+        W, H, name = state[s["name"]], hessians[s["name"]].cpu(), s["name"]
+        pts = []
+        for m in BUDGET_SIGMA_GRID:
+            sig = min(max(start_sigmas[name] * m, hp.adaptive_clip_min * 0.5), hp.adaptive_clip_max * 2)
+            scale = sdclip_scales(W, sig, s["bits"])
+            q = rtn_quantize(W, scale, s["bits"])
+            pts.append((sig, hessian_weighted_error(W, q.float() * scale[:, None], H), order0_entropy_bytes(q)))
+        curves.append((name, pts))
+
+    def solve(budget: float):
+        def pick(lam):
+            choice, total = {}, 0.0
+            for name, pts in curves:
+                sig, _e, b = min(pts, key=lambda p: p[1] + lam * p[2])
+                choice[name], total = sig, total + b
+            return choice, total
+        lo, hi = 0.0, 1.0
+        while pick(hi)[1] > budget and hi < 1e30:
+            hi *= 10
+        for _ in range(100):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (lo, mid) if pick(mid)[1] <= budget else (mid, hi)
+        return pick(hi)
+    est_total = sum(min(p[2] for p in pts) for _n, pts in curves)
+    entries = finish(start_sigmas)
+    actual = model_bytes_of(entries)
+    overhead = actual - sum(order0_entropy_bytes(entries[n].q) for n, _ in curves)  # scales, fp16, header
+    goal = target_bytes * (1 - BUDGET_TOLERANCE / 2)
+    budget, sigmas = goal - overhead, dict(start_sigmas)
+    for it in range(6):
+        choice, est = solve(budget)
+        sigmas.update(choice)
+        entries = finish(sigmas)
+        actual = model_bytes_of(entries)
+        log(f"clip:budget iter:{it} est_code_bytes:{est:.0f} model_bytes:{actual} target:{target_bytes}")
+        if target_bytes * (1 - BUDGET_TOLERANCE) <= actual <= target_bytes:
+            break
+        budget += goal - actual
+    if actual > target_bytes:
+        log(f"clip:budget WARNING could not reach target {target_bytes} (min estimate {est_total:.0f})")
+    return sigmas, entries
+
+
+# =============================================================================================
+# Artifact: versioned container (magic, header, per-group compressed streams), self-extracting code
+# wrapper, exact byte accounting, atomic writes.
+# =============================================================================================
+
+ARTIFACT_MAGIC = b"PGQA"
+ARTIFACT_VERSION = 1
+CODE_GROUPS = ("tok_emb", "attn.c_q", "attn.c_k", "attn.c_v", "attn.proj", "mlp.fc", "mlp.proj", "other")
+
+
+class ArtifactError(ValueError):
+    """A truncated, corrupted or foreign artifact: never decoded into a wrong model."""
+
+
+def _zstd():
+    import zstandard
+    return zstandard
+
+
+COMPRESSORS = {
+    "zstd": (lambda b: _zstd().ZstdCompressor(level=22).compress(b),
+             lambda b: _zstd().ZstdDecompressor().decompress(b)),
+    "lzma": (lambda b: lzma.compress(b, preset=9 | lzma.PRESET_EXTREME), lzma.decompress),
+    "raw": (bytes, bytes),
+}
+
+
+def _code_group(name: str) -> str:
+    if name in ("tok_emb.weight", "lm_head.weight"):
+        return "tok_emb"
+    for g in CODE_GROUPS[1:-1]:
+        if f".{g}." in name:
+            return g
+    return "other"
+
+
+def _byte_shuffle(raw: bytes, width: int) -> bytes:
+    """Regroup bytes by position mod width (all low bytes, then high bytes): fp16 compresses better."""
+    a = np.frombuffer(raw, dtype=np.uint8)
+    return a.reshape(-1, width).T.copy().tobytes() if a.size else raw
+
+
+def _byte_unshuffle(raw: bytes, width: int) -> bytes:
+    a = np.frombuffer(raw, dtype=np.uint8)
+    return a.reshape(width, -1).T.copy().tobytes() if a.size else raw
+
+
+def pack_artifact(entries: dict[str, QEntry], config: dict, compressor: str = "zstd") -> bytes:
+    """Serialize quantized entries + the model config into one deterministic container."""
+    streams: dict[str, list[bytes]] = {}
+    sizes: dict[str, int] = {}
+    tensors = []
+
+    def put(stream: str, arr: torch.Tensor, transpose: bool = False) -> list:
+        a = arr.contiguous()
+        raw = (a.T.contiguous() if transpose and a.ndim == 2 else a).numpy().tobytes()
+        off = sizes.get(stream, 0)
+        streams.setdefault(stream, []).append(raw)
+        sizes[stream] = off + len(raw)
+        return [stream, off, len(raw), list(a.shape), str(a.dtype).replace("torch.", ""), bool(transpose and a.ndim == 2)]
+    for name in sorted(entries):
+        e = entries[name]
+        rec = {"name": name, "kind": e.kind, "shape": list(e.shape), "dtype": e.dtype, "bits": e.bits,
+               "sigma": e.sigma, "parts": {}}
+        if e.kind == "fp16":
+            rec["parts"]["data"] = put("fp16", e.data)
+        else:
+            rec["parts"]["q"] = put(f"codes.{_code_group(name)}" if e.kind == "gptq" else "int8", e.q, True)
+            rec["parts"]["scale"] = put("fp16", e.scale)
+            for k, v in (e.lqer or {}).items():
+                rec["parts"][k] = put("fp16" if v.dtype == torch.float16 else "int8", v)
+        tensors.append(rec)
+    compress = COMPRESSORS[compressor][0]
+    body, stream_meta = [], []
+    for sname in sorted(streams):
+        raw = b"".join(streams[sname])
+        if sname == "fp16":
+            raw = _byte_shuffle(raw, 2)
+        comp = compress(raw)
+        stream_meta.append({"name": sname, "raw_len": len(raw), "len": len(comp), "crc32": zlib.crc32(comp)})
+        body.append(comp)
+    header = json.dumps({"version": ARTIFACT_VERSION, "compressor": compressor, "config": config,
+                         "streams": stream_meta, "tensors": tensors}, sort_keys=True, separators=(",", ":"))
+    hz = zlib.compress(header.encode(), 9)
+    return ARTIFACT_MAGIC + struct.pack("<HII", ARTIFACT_VERSION, len(hz), zlib.crc32(hz)) + hz + b"".join(body)
+
+
+def unpack_artifact(blob: bytes) -> tuple[dict[str, QEntry], dict]:
+    """Inverse of pack_artifact; raises ArtifactError on any truncation or corruption."""
+    if len(blob) < 14 or blob[:4] != ARTIFACT_MAGIC:
+        raise ArtifactError("not a Parameter Golf artifact (bad magic or too short)")
+    version, hlen, hcrc = struct.unpack("<HII", blob[4:14])
+    if version != ARTIFACT_VERSION:
+        raise ArtifactError(f"artifact version {version}; this script reads version {ARTIFACT_VERSION}")
+    hz = blob[14: 14 + hlen]
+    if len(hz) != hlen or zlib.crc32(hz) != hcrc:
+        raise ArtifactError("artifact header truncated or corrupted (CRC mismatch)")
+    header = json.loads(zlib.decompress(hz))
+    if header["compressor"] not in COMPRESSORS:
+        raise ArtifactError(f"unknown compressor {header['compressor']!r}")
+    decompress = COMPRESSORS[header["compressor"]][1]
+    pos, raw_streams = 14 + hlen, {}
+    for sm in header["streams"]:
+        comp = blob[pos: pos + sm["len"]]
+        if len(comp) != sm["len"] or zlib.crc32(comp) != sm["crc32"]:
+            raise ArtifactError(f"artifact stream {sm['name']!r} truncated or corrupted (CRC mismatch)")
+        raw = decompress(comp)
+        if len(raw) != sm["raw_len"]:
+            raise ArtifactError(f"artifact stream {sm['name']!r} decompressed to the wrong length")
+        raw_streams[sm["name"]] = _byte_unshuffle(raw, 2) if sm["name"] == "fp16" else raw
+        pos += sm["len"]
+    if pos != len(blob):
+        raise ArtifactError(f"artifact has {len(blob) - pos} trailing bytes")
+
+    def get(part):
+        stream, off, n, shape, dtype, transposed = part
+        arr = np.frombuffer(raw_streams[stream][off: off + n], dtype=getattr(np, dtype)).copy()
+        t = torch.from_numpy(arr)
+        return t.view(shape[1], shape[0]).T.contiguous() if transposed else t.view(shape)
+    entries = {}
+    for rec in header["tensors"]:
+        p = {k: get(v) for k, v in rec["parts"].items()}
+        lq = {k: p[k] for k in ("lqA", "lqAs", "lqB", "lqBs") if k in p} or None
+        entries[rec["name"]] = QEntry(rec["kind"], tuple(rec["shape"]), rec["dtype"], q=p.get("q"),
+                                      scale=p.get("scale"), data=p.get("data"), bits=rec["bits"],
+                                      sigma=rec["sigma"], lqer=lq)
+    return entries, header["config"]
+
+
+def stream_report(entries: dict[str, QEntry], config: dict, compressor: str) -> list[dict]:
+    """Per code group: compressed bytes vs the order-0 entropy bound of its symbols."""
+    blob = pack_artifact(entries, config, compressor)
+    hz_len = struct.unpack("<HII", blob[4:14])[1]
+    header = json.loads(zlib.decompress(blob[14: 14 + hz_len]))
+    rows = []
+    for sm in header["streams"]:
+        if not sm["name"].startswith("codes."):
+            continue
+        g = sm["name"][len("codes."):]
+        codes = torch.cat([e.q.reshape(-1) for n, e in entries.items() if e.kind == "gptq" and _code_group(n) == g])
+        rows.append({"group": g, "symbols": codes.numel(), "bytes": sm["len"], "entropy_bytes": order0_entropy_bytes(codes)})
+    return rows
+
+
+def model_config_for_artifact(hp: Hyperparameters, bos_id: int, looping: bool) -> dict:
+    """What a fresh process needs to rebuild the model from the artifact alone."""
+    keys = ["vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "mlp_negative_slope",
+            "tie_embeddings", "logit_softcap", "rope_base", "rope_dims", "rope_yarn", "ln_scale", "qk_gain_init",
+            "xsa_last_n", "skip_gates_enabled", "num_loops", "loop_start", "loop_end", "parallel_start_layer",
+            "parallel_final_lane", "smear_gate_enabled", "gate_window", "sparse_attn_gate_enabled",
+            "sparse_attn_gate_scale", "train_seq_len", "lqer_asym_group"]
+    return {**{k: getattr(hp, k) for k in keys}, "bos_id": bos_id, "looping": looping}
+
+
+def model_from_artifact(blob: bytes, hp: Hyperparameters, device: torch.device, backend: str) -> GPT:
+    """A fresh model built from the artifact bytes alone (the architecture comes from its header)."""
+    entries, cfg = unpack_artifact(blob)
+    arch = dataclasses.replace(hp, **{k: v for k, v in cfg.items() if k not in ("bos_id", "looping")})
+    model = GPT(arch, cfg["bos_id"], backend).to(device)
+    state = dequantize_state(entries, cfg["lqer_asym_group"])
+    missing = set(model.state_dict()) ^ set(state)
+    if missing:
+        raise ArtifactError(f"artifact tensors do not match the model: {sorted(missing)[:5]}")
+    model.load_state_dict({k: v.to(device) for k, v in state.items()})
+    model.looping = cfg["looping"]
+    return model
+
+
+def code_source() -> bytes:
+    """The source of this script (also when it runs from the self-extracting wrapper)."""
+    src = globals().get("_PG_SOURCE")
+    if src is not None:
+        return src
+    with open(os.path.abspath(__file__), "rb") as f:
+        return f.read()
+
+
+def code_wrapper(source: bytes) -> bytes:
+    """A self-extracting, stdlib-only form of the script: lzma + base85, exec'd as __main__."""
+    packed = base64.b85encode(lzma.compress(source, preset=9 | lzma.PRESET_EXTREME)).decode()
+    return ("import lzma,base64\n_PG_SOURCE=lzma.decompress(base64.b85decode('" + packed + "'))\n"
+            "exec(compile(_PG_SOURCE,'train_gpt.py','exec'))\n").encode()
+
+
+def shipped_code(source: bytes) -> tuple[bytes, str]:
+    """What is shipped and counted: the wrapper when it is smaller than the raw source."""
+    wrapped = code_wrapper(source)
+    return (wrapped, "lzma_wrapper") if len(wrapped) < len(source) else (source, "raw")
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# =============================================================================================
+# Evaluation: plain eval, sliding-window eval, score-first TTT with per-document LoRA and phased global
+# SGD. Every number is a sum of per-token NLL (float64) over bytes of the original text.
+# =============================================================================================
+
+@dataclass
+class EvalResult:
+    stage: str
+    loss_sum: float
+    tokens: int
+    bytes: int
+    time_ms: float
+    token_losses: torch.Tensor | None = None
+    info: dict = field(default_factory=dict)
+
+    @property
+    def val_loss(self) -> float:
+        return self.loss_sum / max(self.tokens, 1)
+
+    @property
+    def val_bpb(self) -> float:
+        return self.loss_sum / (math.log(2) * max(self.bytes, 1))
+
+    def line(self) -> str:
+        return f"{self.stage} val_loss:{self.val_loss:.8f} val_bpb:{self.val_bpb:.8f} eval_time:{self.time_ms:.0f}ms"
+
+
+class ScoreBoard:
+    """Accumulates per-target NLL into validation-stream order; sums are float64 and combined across ranks."""
+
+    def __init__(self, val: ValidationData, device, keep_losses: bool):
+        self.val, self.device = val, device
+        self.loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.count = torch.zeros((), dtype=torch.float64, device=device)
+        self.nbytes = torch.zeros((), dtype=torch.float64, device=device)
+        self.losses = torch.zeros(val.num_targets, dtype=torch.float32, device=device) if keep_losses else None
+        self.scored = torch.zeros(val.num_targets, dtype=torch.int32, device=device) if keep_losses else None
+
+    def add(self, target_pos: torch.Tensor, nll: torch.Tensor) -> None:
+        """target_pos: indices into the target stream (target j = token j+1)."""
+        self.loss += nll.double().sum()
+        self.count += nll.numel()
+        self.nbytes += self.val.target_bytes.to(self.device)[target_pos].double().sum()
+        if self.losses is not None:
+            self.losses[target_pos] = nll.float()
+            self.scored[target_pos] += 1
+
+    def result(self, stage: str, t0: float) -> EvalResult:
+        for t in (self.loss, self.count, self.nbytes):
+            all_reduce_(t)
+        losses = None
+        if self.losses is not None:
+            all_reduce_(self.losses)
+            all_reduce_(self.scored)
+            if int(self.scored.min()) != 1 or int(self.scored.max()) != 1:
+                raise RuntimeError(f"{stage}: some validation token was scored {int(self.scored.max())} times "
+                                   f"or never; the eval is broken")
+            losses = self.losses.cpu()
+        return EvalResult(stage, float(self.loss), int(self.count), int(self.nbytes),
+                          (time.perf_counter() - t0) * 1000, losses)
+
+
+def _rank_range(n: int, rank: int, world: int) -> tuple[int, int]:
+    return n * rank // world, n * (rank + 1) // world
+
+
+@torch.no_grad()
+def eval_val(model: GPT, val: ValidationData, hp: Hyperparameters, rt: Runtime, stage: str = "val",
+             keep_losses: bool = False) -> EvalResult:
+    """Plain eval: disjoint EVAL_SEQ_LEN windows (document-masked), every target scored once."""
+    return eval_sliding(model, val, hp, rt, stage, keep_losses, stride=hp.eval_seq_len)
+
+
+@torch.no_grad()
+def eval_sliding(model: GPT, val: ValidationData, hp: Hyperparameters, rt: Runtime, stage: str = "sliding",
+                 keep_losses: bool = False, stride: int | None = None) -> EvalResult:
+    """Windows of EVAL_SEQ_LEN every `stride` tokens; each window scores only the targets no earlier window
+    scored, so every target is scored exactly once with up to EVAL_SEQ_LEN-stride tokens of left context.
+    stride == EVAL_SEQ_LEN is the plain eval."""
+    t0 = time.perf_counter()
+    seq, stride = hp.eval_seq_len, stride or hp.eval_stride or hp.eval_seq_len
+    n = val.num_targets
+    starts = list(range(0, max(n - seq, 0) + 1, stride))
+    if starts[-1] + seq < n:
+        starts.append(n - seq)
+    lo, hi = _rank_range(len(starts), rt.rank, rt.world_size)
+    board = ScoreBoard(val, rt.device, keep_losses)
+    was_training = model.training
+    model.eval()
+    per_batch = max(1, hp.val_batch_tokens // (rt.world_size * seq))
+    toks = val.tokens
+    for b0 in range(lo, hi, per_batch):
+        idx = starts[b0: min(b0 + per_batch, hi)]
+        x = torch.stack([toks[s: s + seq] for s in idx]).to(rt.device)
+        y = torch.stack([toks[s + 1: s + seq + 1] for s in idx]).to(rt.device)
+        with autocast_context(hp, rt.device):
+            nll = model(x, y, reduction="none").float()
+        for r, s in enumerate(idx):
+            prev_end = 0 if starts.index(s) == 0 else starts[starts.index(s) - 1] + seq
+            first = max(prev_end - s, 0)
+            board.add(torch.arange(s + first, s + seq, device=rt.device), nll[r, first:])
+    model.train(was_training)
+    return board.result(stage, t0)
+
+
+def find_docs(tokens: torch.Tensor, bos_id: int) -> list[tuple[int, int]]:
+    """(start, length) per document; a document includes the next document's BOS as its last token, so its
+    final prediction is 'end of document' (spec §1.7). Predictions over all docs = len(tokens) - 1."""
+    starts = (tokens == bos_id).nonzero().flatten().tolist()
+    if not starts or starts[0] != 0:
+        starts = [0] + starts
+    n = tokens.numel()
+    docs = []
+    for i, s in enumerate(starts):
+        end = starts[i + 1] + 1 if i + 1 < len(starts) else n
+        if end - s >= 2:
+            docs.append((s, end - s))
+    return docs
+
+
+def balance_docs(docs: list[int], lengths: list[int], world: int) -> list[list[int]]:
+    """Longest-first greedy assignment of documents to ranks by predicted tokens."""
+    loads, out = [0] * world, [[] for _ in range(world)]
+    for d in sorted(docs, key=lambda d: -lengths[d]):
+        r = min(range(world), key=lambda i: loads[i])
+        out[r].append(d)
+        loads[r] += lengths[d]
+    return out
+
+
+def _ttt_rows(val_tokens, docs, batch, c, C, ctx):
+    """Rows for chunk c of each doc in the batch: window [ws, end) of the doc, its targets, and where the
+    chunk's targets sit inside the row. Inactive docs (fewer chunks) get no positions."""
+    rows, tgts, spans = [], [], []
+    for d in batch:
+        s, L = docs[d]
+        pred = L - 1
+        if c * C >= pred:
+            spans.append(None)
+            rows.append(None)
+            tgts.append(None)
+            continue
+        end = min((c + 1) * C, pred)
+        ws = max(0, end - ctx)
+        rows.append(val_tokens[s + ws: s + end])
+        tgts.append(val_tokens[s + ws + 1: s + end + 1])
+        spans.append((c * C - ws, end - ws, s + c * C, end < pred))
+    width = max(r.numel() for r in rows if r is not None)
+    X = torch.zeros(len(batch), width, dtype=torch.int64)
+    Y = torch.zeros(len(batch), width, dtype=torch.int64)
+    for i, (r, t) in enumerate(zip(rows, tgts)):
+        if r is not None:
+            X[i, : r.numel()], Y[i, : t.numel()] = r, t
+    return X, Y, spans
+
+
+def ttt_score_docs(model: GPT, val: ValidationData, docs, my_docs: list[int], hp: Hyperparameters, rt: Runtime,
+                   board: ScoreBoard, grad_steps: int) -> None:
+    """Score-first TTT: for each batch of documents and each chunk, score the chunk with the current
+    per-document adapters, then train the adapters on that already-scored chunk. Adapters reset per batch."""
+    C, ctx = hp.ttt_chunk_size, hp.ttt_eval_seq_len
+    lengths = {d: docs[d][1] for d in my_docs}
+    order = sorted(my_docs, key=lambda d: -lengths[d])  # similar lengths share a batch
+    shapes = model.lora_shapes(hp)
+    lora = BatchedLoRA(hp.ttt_batch_size, hp.ttt_lora_rank, hp.ttt_lora_alpha, shapes, rt.device) \
+        if hp.ttt_lora_rank > 0 else None
+    if lora is not None:
+        gen = torch.Generator().manual_seed(hp.seed)
+        with torch.no_grad():  # one A for every slot: a document's result does not depend on its batch slot
+            for name in lora.names:
+                bound = 1.0 / math.sqrt(lora.A[name].size(-1))
+                a0 = (torch.rand(lora.A[name].shape[1:], generator=gen) * 2 - 1) * bound
+                lora.A[name].copy_(a0.expand_as(lora.A[name]))
+        init_A = {n: lora.A[n].detach().clone() for n in lora.names}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for b0 in range(0, len(order), hp.ttt_batch_size):
+        batch = order[b0: b0 + hp.ttt_batch_size]
+        opt = None
+        if lora is not None:
+            with torch.no_grad():
+                for n in lora.names:
+                    lora.B[n].zero_()
+                    if not hp.ttt_warm_start_a:
+                        lora.A[n].copy_(init_A[n])
+            opt = torch.optim.AdamW(lora.parameters(), lr=hp.ttt_lora_lr, betas=(hp.ttt_beta1, hp.ttt_beta2),
+                                    eps=1e-10, weight_decay=hp.ttt_weight_decay)
+        n_chunks = max(-(-(docs[d][1] - 1) // C) for d in batch)
+        for c in range(n_chunks):
+            X, Y, spans = _ttt_rows(val.tokens, docs, batch, c, C, ctx)
+            X, Y = X.to(rt.device), Y.to(rt.device)
+            train_more = lora is not None and grad_steps > 0 and any(sp is not None and sp[3] for sp in spans)
+            for g in range(max(1, grad_steps if train_more else 1)):
+                with torch.set_grad_enabled(train_more), autocast_context(hp, rt.device):
+                    nll = model(X, Y, lora=lora if lora is not None else None, reduction="none").float()
+                if g == 0:  # score before any update that has seen these tokens
+                    for i, sp in enumerate(spans):
+                        if sp is not None:
+                            a, e, tpos, _ = sp
+                            board.add(torch.arange(tpos, tpos + (e - a), device=rt.device), nll[i, a:e].detach())
+                if not train_more:
+                    break
+                loss = nll.new_zeros(())
+                for i, sp in enumerate(spans):
+                    if sp is not None and sp[3]:
+                        loss = loss + nll[i, sp[0]: sp[1]].mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+    for p in model.parameters():
+        p.requires_grad_(True)
+
+
+def global_sgd_on_scored(model: GPT, val: ValidationData, docs, scored: list[int], hp: Hyperparameters,
+                         rt: Runtime) -> None:
+    """Phased TTT: SGD on the base weights over documents that are already fully scored (cosine LR over
+    chunks of GLOBAL_TTT_CHUNK_TOKENS, momentum, clipped), gradients averaged across ranks."""
+    stream = torch.cat([val.tokens[s: s + L] for s, L in (docs[d] for d in sorted(scored))])
+    seq = hp.ttt_eval_seq_len
+    chunk = max(seq + 1, hp.global_ttt_chunk_tokens)
+    n_chunks = max(1, (stream.numel() - 1) // chunk)
+    opt = torch.optim.SGD(model.parameters(), lr=hp.global_ttt_lr, momentum=hp.global_ttt_momentum)
+    model.train()
+    for c in range(n_chunks):
+        lr = hp.global_ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(n_chunks - 1, 1)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        part = stream[c * chunk: (c + 1) * chunk + 1]
+        rows = (part.numel() - 1) // seq
+        lo, hi = _rank_range(rows, rt.rank, rt.world_size)
+        if hi > lo:
+            x = part[lo * seq: hi * seq].view(-1, seq).to(rt.device)
+            y = part[lo * seq + 1: hi * seq + 1].view(-1, seq).to(rt.device)
+            with autocast_context(hp, rt.device):
+                loss = model(x, y, reduction="sum") / max(rows * seq, 1)
+            loss.backward()
+        for p in model.parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            if rt.world_size > 1:
+                all_reduce_(p.grad)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), hp.global_ttt_grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    model.eval()
+
+
+def plan_ttt_adaptation(budget_s: float, spent_s: float, n_score_tokens: int, score_tok_s: float,
+                        prefix_tokens_per_phase: list[int], sgd_tok_s: float, grad_steps: int) -> tuple[int, int]:
+    """Fit the adaptation into the eval budget from measured throughput: (phases kept, grad steps). Scoring
+    is never dropped; phases go first (the latest, most expensive ones), then extra grad steps."""
+    phases = len(prefix_tokens_per_phase)
+
+    def cost(ph, gs):
+        score = n_score_tokens * max(gs, 1) / max(score_tok_s, 1e-9)
+        return score + sum(prefix_tokens_per_phase[:ph]) / max(sgd_tok_s, 1e-9)
+    left = budget_s - spent_s
+    while phases > 0 and cost(phases, grad_steps) > left:
+        phases -= 1
+    while grad_steps > 1 and cost(phases, grad_steps) > left:
+        grad_steps -= 1
+    return phases, grad_steps
+
+
+def eval_ttt(model: GPT, val: ValidationData, hp: Hyperparameters, rt: Runtime, stage: str, phased: bool,
+             keep_losses: bool = False, eval_t0: float | None = None, log=print) -> EvalResult:
+    """Score-first TTT over the validation documents. With `phased`, the first PHASED_TTT_PREFIX_DOCS
+    documents are scored in PHASED_TTT_NUM_PHASES parts; after each part the base weights take global SGD
+    on every document scored so far; the rest is scored with the final base. Documents are spread over
+    ranks by length; sums are combined with collectives."""
+    t0 = time.perf_counter()
+    eval_t0 = eval_t0 or t0
+    docs = find_docs(val.tokens, model.bos_id)
+    lengths = [L - 1 for _, L in docs]
+    board = ScoreBoard(val, rt.device, keep_losses)
+    model.eval()
+    grad_steps = hp.ttt_grad_steps
+    n_prefix = min(hp.phased_ttt_prefix_docs, len(docs)) if phased and hp.phased_ttt_num_phases > 0 else 0
+    P = hp.phased_ttt_num_phases if n_prefix else 0
+    bounds = [n_prefix * (p + 1) // P for p in range(P)]
+    if P:
+        rate_score, rate_sgd = measure_ttt_throughput(model, hp, rt)
+        cum = [sum(lengths[:b]) for b in bounds]
+        kept, grad_steps = plan_ttt_adaptation(hp.eval_time_budget, time.perf_counter() - eval_t0,
+                                               sum(lengths), rate_score, cum, rate_sgd, grad_steps)
+        if kept < P:
+            log(f"ttt_budget: keeping {kept}/{P} phases, grad_steps {grad_steps} to fit EVAL_TIME_BUDGET="
+                f"{hp.eval_time_budget:.0f}s (score {rate_score:.0f} tok/s, sgd {rate_sgd:.0f} tok/s)")
+            bounds, P = bounds[:kept], kept
+        log(f"ttt_phased: total_docs:{len(docs)} prefix_docs:{bounds[-1] if bounds else 0} "
+            f"suffix_docs:{len(docs) - (bounds[-1] if bounds else 0)} num_phases:{P} boundaries:{bounds}")
+    done = 0
+    for p, b in enumerate(bounds):
+        part = list(range(done, b))
+        ttt_score_docs(model, val, docs, balance_docs(part, lengths, rt.world_size)[rt.rank], hp, rt, board,
+                       grad_steps)
+        global_sgd_on_scored(model, val, docs, list(range(0, b)), hp, rt)
+        log(f"ttpp: phase:{p + 1}/{P} gd:{b} t:{time.perf_counter() - t0:.1f}s")
+        done = b
+    rest = list(range(done, len(docs)))
+    ttt_score_docs(model, val, docs, balance_docs(rest, lengths, rt.world_size)[rt.rank], hp, rt, board, grad_steps)
+    res = board.result(stage, t0)
+    res.info = {"phases": P, "boundaries": bounds, "grad_steps": grad_steps, "docs": len(docs)}
+    return res
+
+
+def measure_ttt_throughput(model: GPT, hp: Hyperparameters, rt: Runtime) -> tuple[float, float]:
+    """Tokens/s of LoRA score+train and of global SGD, measured on random tokens (never validation data)."""
+    gen = torch.Generator().manual_seed(0)
+    n_docs, L = min(hp.ttt_batch_size, 4), min(hp.ttt_eval_seq_len, 4 * hp.ttt_chunk_size) + 1
+    fake = torch.randint(2, hp.vocab_size, (n_docs * L,), generator=gen)
+    fake[::L] = model.bos_id
+    fval = ValidationData(fake, torch.ones(fake.numel() - 1, dtype=torch.int32), "synthetic")
+    docs = [(i * L, L) for i in range(n_docs)]
+    snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    fake_rt = dataclasses.replace(rt, rank=0, world_size=1)
+    board = ScoreBoard(fval, rt.device, False)
+    t0 = time.perf_counter()
+    ttt_score_docs(model, fval, docs, list(range(n_docs)), hp, fake_rt, board, hp.ttt_grad_steps)
+    rate_score = n_docs * (L - 1) / max(time.perf_counter() - t0, 1e-9)
+    t0 = time.perf_counter()
+    global_sgd_on_scored(model, fval, docs, list(range(n_docs)), hp, fake_rt)
+    rate_sgd = n_docs * L / max(time.perf_counter() - t0, 1e-9)
+    model.load_state_dict(snapshot)
+    return rate_score, rate_sgd
+
+
+# =============================================================================================
+# Main: run the stages, one log line per stage, final lines, compliance block and the JSON run record.
+# =============================================================================================
+
+def _versions() -> dict:
+    out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
+    for mod in ("sentencepiece", "zstandard", "triton"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:
+            pass
+    return out
+
+
+def _git_commit() -> str | None:
+    import subprocess
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=5).stdout.strip() or None
+    except Exception:
+        return None
+
+
+def env_overrides(hp: Hyperparameters, env=None) -> dict:
+    env = os.environ if env is None else env
+    base = Hyperparameters(**{"preset": hp.preset, **PRESETS[hp.preset]})
+    return {f.name.upper(): env[f.name.upper()] for f in fields(hp)
+            if f.name != "preset" and f.name.upper() in env and getattr(hp, f.name) != getattr(base, f.name)}
+
+
+def run_evaluations(model: GPT, val: ValidationData, hp: Hyperparameters, rt: Runtime, eval_t0: float) -> list:
+    """Quantized model evals: plain, sliding (EVAL_STRIDE), phased TTT (TTT_ENABLED)."""
+    keep = bool(hp.save_token_losses)
+    results = [eval_val(model, val, hp, rt, "quantized", keep)]
+    rt.logger.log(results[-1].line())
+    if hp.eval_stride and hp.eval_stride < hp.eval_seq_len:
+        results.append(eval_sliding(model, val, hp, rt, "quantized_sliding", keep))
+        rt.logger.log(results[-1].line())
+    if hp.ttt_enabled:
+        phased = hp.phased_ttt_num_phases > 0 and hp.phased_ttt_prefix_docs > 0
+        stage = "quantized_ttt_phased" if phased else "quantized_ttt"
+        results.append(eval_ttt(model, val, hp, rt, stage, phased, keep, eval_t0, rt.logger.log))
+        rt.logger.log(results[-1].line())
+    if keep and rt.is_main:
+        os.makedirs(hp.save_token_losses, exist_ok=True)
+        for r in results:
+            np.save(os.path.join(hp.save_token_losses, f"{r.stage}.npy"), r.token_losses.numpy())
+    return results
+
+
+def main() -> int:
+    hp = Hyperparameters.from_env()
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    hp.validate(world)
+    rt = init_runtime(hp)
+    log = rt.logger.log
+    for w in hp.unknown_env_warnings:
+        log(f"WARNING: {w}")
+        if rt.is_main:
+            print(f"WARNING: {w}", file=sys.stderr, flush=True)
+    source = code_source()
+    code_sha = hashlib.sha256(source).hexdigest()
+    device_name = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else platform.processor() or "cpu"
+    log(f"run_id:{hp.run_id} preset:{hp.preset} world_size:{rt.world_size} grad_accum_steps:{rt.grad_accum_steps} "
+        f"device:{rt.device.type} ({device_name})")
+    log(f"code_sha256:{code_sha}")
+    log(f"versions: {json.dumps(_versions(), sort_keys=True)}")
+    log("Hyperparameters:")
+    for k, v in sorted(hp.as_dict().items()):
+        log(f"  {k}: {v}")
+    log(source.decode("utf-8", "replace"), console=False)
+    data_path, tok_path = hp.resolved_paths()
+    sp = load_tokenizer(tok_path, hp.vocab_size)
+    luts = build_byte_luts(sp, hp.vocab_size)
+    val = load_validation(hp, luts)
+    log(f"val_tokens: {val.num_targets} val_bytes: {int(val.target_bytes.sum())} byte_source:{val.source}"
+        + ("" if hp.val_max_tokens == 0 else f" (VAL_MAX_TOKENS={hp.val_max_tokens}: NOT the full validation set)"))
+    backend = choose_attention_backend(hp.attn_backend, rt.device)
+    compiled = hp.compile == "1" or (hp.compile == "auto" and rt.device.type == "cuda")
+    log(f"attention_backend:{backend} autocast_bf16:{autocast_context(hp, rt.device)._enabled} compile:{int(compiled)}")
+    record = {"run_id": hp.run_id, "seed": hp.seed, "preset": hp.preset, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "config": hp.as_dict(), "env_overrides": env_overrides(hp), "code_sha256": code_sha,
+              "code_bytes_raw": len(source), "commit": _git_commit(), "versions": _versions(),
+              "device": device_name if rt.device.type == "cuda" else f"cpu ({device_name})",
+              "world_size": rt.world_size, "stages": {}, "train_log": [], "val_log": [], "clip_table": []}
+    stages = record["stages"]
+    train_res, hessian_s = TrainResult(), 0.0
+    if hp.eval_only:
+        artifact_path = hp.artifact
+        code_bytes = len(shipped_code(source)[0])
+    else:
+        train_files = list_shards(data_path, "train")
+        log(f"train_shards: {len(train_files)}")
+        model = GPT(hp, luts.bos_id, backend).to(rt.device)
+        log(f"model_params:{count_parameters(model)}")
+        if hp.requant_from:
+            saved = torch.load(hp.requant_from, map_location=rt.device)
+            model.load_state_dict(saved["state"])
+            model.looping = saved["looping"]
+            log(f"requant_from:{hp.requant_from} (training skipped)")
+        else:
+            train_res, ema = train(hp, rt, model, train_files, val, luts)
+            if hp.ema_decay > 0:
+                log(f"ema:applying EMA weights (decay {hp.ema_decay})")
+                ema.apply_to(model)
+            model.looping = train_res.looping_step is not None
+            if hp.save_prequant and rt.is_main:
+                buf = io.BytesIO()
+                torch.save({"state": model.state_dict(), "looping": model.looping}, buf)
+                write_atomic(os.path.join(rt.run_dir, "prequant_model.pt"), buf.getvalue())
+        r = eval_val(model, val, hp, rt, "prequant")
+        stages["prequant"] = r
+        log(r.line().replace("prequant", "diagnostic pre-quantization post-ema", 1))
+        t0 = time.perf_counter()
+        log(f"GPTQ:collecting Hessians from calibration data (training shards, {hp.gptq_calibration_batches} "
+            f"batches x {hp.calibration_batch_tokens} tokens/rank)...")
+        hessians = collect_hessians(model, calibration_loader(hp, rt, train_files), hp.gptq_calibration_batches, hp, rt)
+        hessian_s = time.perf_counter() - t0
+        log(f"GPTQ:collected {len(hessians)} Hessians in {hessian_s:.1f}s")
+        total = train_res.train_time_ms / 1000 + hessian_s
+        if hp.max_wallclock_seconds > 0 and not hp.requant_from:
+            log(f"budget: train_time:{train_res.train_time_ms / 1000:.1f}s hessian_time:{hessian_s:.1f}s "
+                f"sum:{total:.1f}s / {hp.max_wallclock_seconds:.0f}s {'OK' if total <= hp.max_wallclock_seconds else 'OVER'}")
+        else:
+            log(f"budget: fixed-step mode (MAX_WALLCLOCK_SECONDS=0 or REQUANT_FROM): not budget-compliant")
+        shipped, code_kind = shipped_code(source)
+        code_bytes = len(shipped)
+        log(f"Code size (uncompressed): {len(source)} bytes")
+        log(f"Code size (shipped, {code_kind}): {code_bytes} bytes")
+        cfg = model_config_for_artifact(hp, luts.bos_id, model.looping)
+        t0 = time.perf_counter()
+        entries, table = quantize_state(model.state_dict(), hessians, hp, log, code_bytes,
+                                        lambda e: len(pack_artifact(e, cfg, hp.compressor)))
+        record["clip_table"] = table
+        log("clip_table: name numel h_mean row_var sigma bits")
+        for row in table:
+            log(f"  {row['name']} {row['numel']} {row['h_mean']:.4e} {row['row_var']:.4e} {row['sigma']:.3f} {row['bits']}")
+        blob = pack_artifact(entries, cfg, hp.compressor)
+        log(f"quantize+pack: {time.perf_counter() - t0:.1f}s compressor:{hp.compressor}")
+        artifact_path = os.path.join(rt.run_dir, "final_model.ptz")
+        if rt.is_main:
+            write_atomic(artifact_path, blob)
+            write_atomic(os.path.join(rt.run_dir, "train_gpt_shipped.py"), shipped)
+        if rt.distributed:
+            dist.barrier()
+        del model
+    eval_t0 = time.perf_counter()
+    with open(artifact_path, "rb") as f:
+        blob = f.read()
+    model_bytes = len(blob)
+    artifact_bytes = code_bytes + model_bytes
+    log(f"artifact_bytes:{artifact_bytes} code_bytes:{code_bytes} model_bytes:{model_bytes} "
+        f"limit:{ARTIFACT_LIMIT_BYTES} bytes_left:{ARTIFACT_LIMIT_BYTES - artifact_bytes}")
+    over = artifact_bytes > ARTIFACT_LIMIT_BYTES
+    if over:
+        log(f"ERROR: ARTIFACT OVER THE 16,000,000-BYTE LIMIT by {artifact_bytes - ARTIFACT_LIMIT_BYTES} bytes; "
+            f"kept at {artifact_path} for inspection")
+    model = model_from_artifact(blob, hp, rt.device, backend)
+    log(f"artifact_load: {time.perf_counter() - eval_t0:.1f}s")
+    for r in run_evaluations(model, val, hp, rt, eval_t0):
+        stages[r.stage] = r
+    eval_s = time.perf_counter() - eval_t0
+    final = list(stages.values())[-1]
+    log(f"total_eval_time:{eval_s:.1f}s")
+    train_budget_ok = hp.max_wallclock_seconds > 0 and not hp.requant_from and not hp.eval_only and \
+        train_res.train_time_ms / 1000 + hessian_s <= hp.max_wallclock_seconds
+    compliance = {"train_plus_hessian_s": train_res.train_time_ms / 1000 + hessian_s,
+                  "train_budget_s": hp.max_wallclock_seconds, "budget_compliant": train_budget_ok,
+                  "eval_time_s": eval_s, "eval_budget_s": hp.eval_time_budget,
+                  "eval_within_budget": eval_s <= hp.eval_time_budget, "artifact_under_limit": not over,
+                  "calibration_source": "training shards (fineweb_train_*), shuffled sequences",
+                  "ttt_mode": final.stage if hp.ttt_enabled else "none",
+                  "tokens_scored": final.tokens, "val_tokens": val.num_targets,
+                  "full_validation": hp.val_max_tokens == 0}
+    log("compliance: " + json.dumps(compliance, sort_keys=True))
+    if eval_s > hp.eval_time_budget:
+        log(f"ERROR: EVALUATION TOOK {eval_s:.0f}s > EVAL_TIME_BUDGET={hp.eval_time_budget:.0f}s")
+    record.update({
+        "train": {"steps": train_res.steps, "train_time_ms": train_res.train_time_ms,
+                  "step_avg_ms": train_res.step_avg_ms, "tokens_per_s": train_res.tokens_per_s,
+                  "hessian_time_ms": hessian_s * 1000, "hessian_estimate_s": train_res.hessian_estimate_s,
+                  "budget_s": hp.max_wallclock_seconds, "budget_compliant": train_budget_ok,
+                  "stop_reason": train_res.stop_reason or ("eval_only" if hp.eval_only else "requant")},
+        "stages": {k: {"val_loss": v.val_loss, "val_bpb": v.val_bpb, "eval_time_ms": v.time_ms, "tokens": v.tokens,
+                       "bytes": v.bytes, **({"info": v.info} if v.info else {})} for k, v in stages.items()},
+        "final": {"stage": final.stage, "val_loss": final.val_loss, "val_bpb": final.val_bpb},
+        "artifact": {"path": artifact_path, "artifact_bytes": artifact_bytes, "code_bytes": code_bytes,
+                     "model_bytes": model_bytes, "limit": ARTIFACT_LIMIT_BYTES,
+                     "bytes_left": ARTIFACT_LIMIT_BYTES - artifact_bytes, "under_limit": not over},
+        "eval_time_s": eval_s, "compliance": compliance, "train_log": train_res.train_log,
+        "val_log": train_res.val_log})
+    if rt.is_main:
+        write_atomic(os.path.join(rt.run_dir, "run_record.json"), json.dumps(record, indent=1, default=str).encode())
+    log(f"final {final.stage} val_loss:{final.val_loss:.8f} val_bpb:{final.val_bpb:.8f}")
+    log(f"run_record: {os.path.join(rt.run_dir, 'run_record.json')}")
+    rt.logger.close()
+    if rt.distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+    return 3 if over else 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
