@@ -126,7 +126,13 @@ def check_run(rec: dict, code_sha: str):
     fv = runlib.get(rec, "compliance", "full_validation")
     scored, total = runlib.get(rec, "compliance", "tokens_scored"), runlib.get(rec, "compliance", "val_tokens")
     if fv is not True:
-        extra = f" ({scored} of {total} tokens scored)" if scored is not None and total is not None else ""
+        vmt = runlib.get(rec, "config", "val_max_tokens")
+        if vmt:
+            extra = f" (VAL_MAX_TOKENS={vmt}; {scored} tokens scored)"
+        elif scored is not None and total is not None:
+            extra = f" ({scored} of {total} tokens scored)"
+        else:
+            extra = f" (compliance.full_validation={fv})"
         reasons.append(f"{d}: not scored on the full validation set{extra}")
     elif scored is not None and total is not None and int(scored) < int(total):
         reasons.append(f"{d}: only {scored} of {total} validation tokens scored")
