@@ -307,15 +307,15 @@ PRESETS: dict[str, dict] = {
         data_path="./data/datasets/offline_sample_sp1024",
         tokenizer_path="./data/tokenizers/offline_sample_1024_bpe.model",
         vocab_size=1024, caseops_enabled=False, num_layers=6, model_dim=128, num_heads=4, num_kv_heads=2,
-        train_seq_len=256, eval_seq_len=256, train_batch_tokens=16_384, val_batch_tokens=16_384,
-        iterations=400, max_wallclock_seconds=150.0, gptq_reserve_seconds=2.0, warmup_steps=2,
+        train_seq_len=256, eval_seq_len=256, train_batch_tokens=8192, val_batch_tokens=16_384,
+        iterations=1000, max_wallclock_seconds=120.0, gptq_reserve_seconds=2.0, warmup_steps=2,
         xsa_last_n=6, loop_start=2, loop_end=3, num_loops=1, parallel_start_layer=4, rope_dims=16,
-        train_log_every=25, val_max_tokens=65_536, gptq_calibration_batches=4, calibration_batch_tokens=8192,
+        train_log_every=25, val_max_tokens=32_768, gptq_calibration_batches=4, calibration_batch_tokens=8192,
         matrix_lr=0.03, tied_embed_lr=0.05, muon_momentum_warmup_steps=100, ema_decay=0.99,
-        target_artifact_bytes=2_000_000, eval_stride=128, quant_min_numel=4096, ttt_lora_rank=8, ttt_lora_alpha=16.0,
-        ttt_lora_lr=3e-3, ttt_chunk_size=32, ttt_eval_seq_len=256, ttt_batch_size=16,
-        phased_ttt_prefix_docs=32, phased_ttt_num_phases=2, global_ttt_chunk_tokens=4096,
-        eval_time_budget=300.0),
+        target_artifact_bytes=2_000_000, eval_stride=128, quant_min_numel=4096, ttt_lora_rank=8,
+        ttt_lora_alpha=16.0, ttt_lora_lr=3e-3, ttt_chunk_size=64, ttt_eval_seq_len=256, ttt_batch_size=32,
+        phased_ttt_prefix_docs=16, phased_ttt_num_phases=2, global_ttt_chunk_tokens=4096,
+        eval_time_budget=180.0),
 }
 
 # Env vars that belong to torchrun, the shell or tools, never reported as near misses of a field.
@@ -706,14 +706,14 @@ def segment_ids(ids: torch.Tensor, bos_id: int) -> torch.Tensor:
     return torch.cumsum((ids == bos_id).to(torch.int32), dim=-1)
 
 
-def cu_seqlens_from_rows(ids: torch.Tensor, bos_id: int) -> tuple[torch.Tensor, int]:
-    """Flattened varlen boundaries for FlashAttention: segment starts at each row start and each BOS."""
-    B, T = ids.shape
-    starts = (ids == bos_id).clone()
-    starts[:, 0] = True
-    pos = torch.nonzero(starts.reshape(-1), as_tuple=False).flatten().to(torch.int32)
-    cu = torch.cat([pos, torch.tensor([B * T], dtype=torch.int32, device=ids.device)])
-    return cu, int((cu[1:] - cu[:-1]).max().item())
+def cu_seqlens_from_segments(seg: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Flattened varlen boundaries (FlashAttention): a segment starts at each row start and each BOS."""
+    B, T = seg.shape
+    starts = torch.ones_like(seg, dtype=torch.bool)
+    starts[:, 1:] = seg[:, 1:] != seg[:, :-1]
+    pos = torch.nonzero(starts.reshape(-1)).flatten().to(torch.int32)
+    cu = torch.cat([pos, pos.new_tensor([B * T])])
+    return cu, int((cu[1:] - cu[:-1]).max())
 
 
 # =============================================================================================
@@ -753,12 +753,9 @@ def attention_sdpa(q, k, v, seg):
 def attention_flash3(q, k, v, seg):
     from flash_attn_interface import flash_attn_varlen_func
     B, T, H, D = q.shape
-    starts = torch.ones_like(seg, dtype=torch.bool)
-    starts[:, 1:] = seg[:, 1:] != seg[:, :-1]
-    pos = torch.nonzero(starts.reshape(-1)).flatten().to(torch.int32)
-    cu = torch.cat([pos, pos.new_tensor([B * T])])
+    cu, longest = cu_seqlens_from_segments(seg)
     out = flash_attn_varlen_func(q.reshape(B * T, H, D), k.reshape(B * T, -1, D), v.reshape(B * T, -1, D),
-                                 cu, cu, T, T, causal=True)
+                                 cu, cu, longest, longest, causal=True)
     out = out[0] if isinstance(out, tuple) else out
     return out.reshape(B, T, H, D)
 

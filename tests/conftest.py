@@ -1,0 +1,51 @@
+"""Shared fixtures: the offline sample dataset (built once per test run) and tiny configs."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+import train_gpt as T  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def sample(tmp_path_factory):
+    """A real SentencePiece tokenizer + shards built offline from the Python stdlib (data/build_offline_sample.py)."""
+    out = tmp_path_factory.mktemp("sample")
+    subprocess.run([sys.executable, os.path.join(ROOT, "data", "build_offline_sample.py"), "--out-root", str(out),
+                    "--max-docs", "400", "--val-docs", "40"], check=True, capture_output=True)
+    return {"DATA_PATH": str(out / "datasets" / "offline_sample_sp1024"),
+            "TOKENIZER_PATH": str(out / "tokenizers" / "offline_sample_1024_bpe.model")}
+
+
+TINY = dict(PRESET="cpu_smoke", NUM_LAYERS="4", MODEL_DIM="64", NUM_HEADS="2", NUM_KV_HEADS="1",
+            TRAIN_SEQ_LEN="128", EVAL_SEQ_LEN="128", TRAIN_BATCH_TOKENS="2048", VAL_BATCH_TOKENS="4096",
+            LOOP_START="1", LOOP_END="2", NUM_LOOPS="1", PARALLEL_START_LAYER="3", XSA_LAST_N="4", ROPE_DIMS="16",
+            GATE_WINDOW="8", VAL_MAX_TOKENS="4096", QUANT_MIN_NUMEL="1024", WARMUP_STEPS="1",
+            GPTQ_CALIBRATION_BATCHES="2", CALIBRATION_BATCH_TOKENS="1024", TTT_EVAL_SEQ_LEN="128",
+            TTT_CHUNK_SIZE="32", TTT_BATCH_SIZE="8", TTT_LORA_RANK="4", PHASED_TTT_PREFIX_DOCS="4",
+            GLOBAL_TTT_CHUNK_TOKENS="1024", EVAL_STRIDE="64")
+
+
+def tiny_hp(**over) -> "T.Hyperparameters":
+    env = {**TINY, **{k.upper(): str(v) for k, v in over.items()}}
+    return T.Hyperparameters.from_env(env)
+
+
+def randomize(model: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> torch.nn.Module:
+    """Give every parameter (zero-initialised gates and projections included) a random value."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return model
+
+
+def cpu_runtime(tmp_path, world=1, rank=0):
+    return T.Runtime(rank, world, 0, torch.device("cpu"), False, 8 // world, str(tmp_path),
+                     T.RunLogger([], enabled=False))
