@@ -1,0 +1,168 @@
+import math
+
+import pytest
+import torch
+
+from conftest import T, randomize, tiny_hp
+
+
+def _correlated(n_rows=64, n_cols=96, n_samples=2048, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(n_cols, n_cols, generator=g) * 0.3 + torch.eye(n_cols)
+    X = torch.randn(n_samples, n_cols, generator=g) @ mix
+    X[:, :8] *= 6.0  # a few high-energy inputs
+    W = torch.randn(n_rows, n_cols, generator=g) * 0.05
+    return W, X.T @ X / n_samples
+
+
+def test_gptq_beats_round_to_nearest():
+    W, H = _correlated()
+    for bits in (4, 6):
+        s = T.sdclip_scales(W, 12.0, bits)
+        rtn = T.rtn_quantize(W, s, bits).float() * s[:, None]
+        gq = T.gptq_quantize(W, H, s, bits).float() * s[:, None]
+        assert T.hessian_weighted_error(W, gq, H) < 0.8 * T.hessian_weighted_error(W, rtn, H)
+
+
+def test_gptq_codes_in_range_and_dequant_exact():
+    W, H = _correlated()
+    s = T.sdclip_scales(W, 11.5, 6)
+    q = T.gptq_quantize(W, H, s, 6)
+    assert q.dtype == torch.int8 and q.abs().max() <= 31
+    e = T.QEntry("gptq", tuple(W.shape), "float32", q=q, scale=s.half(), bits=6)
+    assert torch.equal(T.dequantize_entry(e, 64), q.float() * s.half().float()[:, None])
+    assert torch.equal(T.rtn_quantize(T.dequantize_entry(e, 64), s, 6), q)  # integers survive exactly
+
+
+def test_dead_columns_are_zeroed():
+    W, H = _correlated()
+    H[5, :] = 0
+    H[:, 5] = 0
+    q = T.gptq_quantize(W, H, T.sdclip_scales(W, 12.0, 6), 6)
+    assert q[:, 5].abs().sum() == 0
+
+
+def _stats(n=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [{"name": f"blocks.{i}.{'mlp.fc' if i % 2 else 'attn.c_q'}.weight", "numel": int(1000 * (1 + i % 3)),
+             "h_mean": float(torch.rand(1, generator=g)) * 10 ** (i % 4), "row_var": 1e-3 * (1 + i),
+             "base_sigma": 11.5 if i % 2 else 13.0} for i in range(n)]
+
+
+def test_adaptive_offset_hits_target_and_orders_by_sensitivity():
+    hp = tiny_hp()
+    st = _stats()
+    sig, _ = T.adaptive_clip_sigmas(st, hp)
+    w = torch.tensor([s["numel"] for s in st], dtype=torch.float64)
+    target = float((w * torch.tensor([math.log(s["base_sigma"]) for s in st], dtype=torch.float64)).sum() / w.sum())
+    got = float((w * torch.tensor([math.log(sig[s["name"]]) for s in st], dtype=torch.float64)).sum() / w.sum())
+    assert abs(got - target) < 1e-6
+    sens = {s["name"]: s["h_mean"] * s["row_var"] for s in st}
+    names = sorted(sens, key=sens.get)
+    vals = [sig[n] for n in names]
+    assert all(a >= b - 1e-12 for a, b in zip(vals, vals[1:]))  # more sensitive -> smaller sigma
+    assert vals[0] > vals[-1] and all(hp.adaptive_clip_min - 1e-9 <= v <= hp.adaptive_clip_max + 1e-9 for v in vals)
+
+
+def test_lqer_reduces_error_of_touched_tensors():
+    W, H = _correlated(128, 128)
+    W = W + 0.2 * torch.randn(128, 4) @ torch.randn(4, 128)  # low-rank structure in the weights
+    s = T.sdclip_scales(W, 6.0, 4)
+    q = T.gptq_quantize(W, H, s, 4)
+    base = q.float() * s[:, None]
+    f = T.lqer_factors(W - base, 4, 64)
+    assert f["lqA"].min() >= -2 and f["lqA"].max() <= 1 and f["lqB"].min() >= -8 and f["lqB"].max() <= 7
+    assert (W - base - T.lqer_dequant(f, 64)).norm() < (W - base).norm()
+
+
+def _quantized_tiny(clip="fixed", seed=0, **over):
+    hp = tiny_hp(CLIP_MODE=clip, **over)
+    m = randomize(T.GPT(hp, 1), seed=seed, scale=0.05)
+    g = torch.Generator().manual_seed(seed)
+    hess = {}
+    for name, t in m.state_dict().items():
+        if T.quant_kind(name, t, hp) == "gptq":
+            X = torch.randn(512, t.shape[1], generator=g)
+            hess[name] = X.T @ X / 512
+    return hp, m, hess
+
+
+def test_quantize_state_routes_and_round_trips():
+    hp, m, hess = _quantized_tiny()
+    entries, table = T.quantize_state(m.state_dict(), hess, hp, log=lambda *_: None)
+    kinds = {n: e.kind for n, e in entries.items()}
+    assert kinds["blocks.0.attn.attn_gate_w"] == "int8_row" and kinds["blocks.0.attn_scale"] == "fp16"
+    assert kinds["blocks.0.mlp.fc.weight"] == "gptq" and entries["tok_emb.weight"].bits == hp.embed_bits
+    assert sum(e.lqer is not None for e in entries.values()) == hp.lqer_top_k
+    assert {r["name"] for r in table} == {n for n, k in kinds.items() if k == "gptq"}
+    deq = T.dequantize_state(entries, hp.lqer_asym_group)
+    for k, v in m.state_dict().items():
+        assert deq[k].shape == v.shape and (deq[k] - v).abs().max() < 0.05
+
+
+@pytest.mark.parametrize("compressor", sorted(T.COMPRESSORS))
+def test_container_round_trip_bit_exact(compressor):
+    hp, m, hess = _quantized_tiny()
+    entries, _ = T.quantize_state(m.state_dict(), hess, hp, log=lambda *_: None)
+    cfg = T.model_config_for_artifact(hp, 1, True)
+    blob = T.pack_artifact(entries, cfg, compressor)
+    assert blob == T.pack_artifact(entries, cfg, compressor)  # deterministic
+    back, cfg2 = T.unpack_artifact(blob)
+    assert cfg2 == cfg and set(back) == set(entries)
+    for n, e in entries.items():
+        b = back[n]
+        for attr in ("q", "scale", "data"):
+            x, y = getattr(e, attr), getattr(b, attr)
+            assert (x is None and y is None) or (x.dtype == y.dtype and torch.equal(x, y)), (n, attr)
+        assert (e.lqer is None) == (b.lqer is None)
+        if e.lqer:
+            assert all(torch.equal(e.lqer[k], b.lqer[k]) for k in e.lqer)
+    model = T.model_from_artifact(blob, hp, torch.device("cpu"), "sdpa")
+    deq = T.dequantize_state(entries, hp.lqer_asym_group)
+    assert all(torch.equal(model.state_dict()[k], deq[k]) for k in deq) and model.looping
+
+
+def test_corruption_and_truncation_are_detected():
+    hp, m, hess = _quantized_tiny()
+    entries, _ = T.quantize_state(m.state_dict(), hess, hp, log=lambda *_: None)
+    blob = T.pack_artifact(entries, T.model_config_for_artifact(hp, 1, False), "zstd")
+    for bad in (blob[:-1], blob[: len(blob) // 2], blob[:10], b"XXXX" + blob[4:], blob + b"\0"):
+        with pytest.raises(T.ArtifactError):
+            T.unpack_artifact(bad)
+    for pos in (20, len(blob) // 2, len(blob) - 3):
+        flipped = bytearray(blob)
+        flipped[pos] ^= 0x10
+        with pytest.raises(T.ArtifactError):
+            T.unpack_artifact(bytes(flipped))
+
+
+def test_budget_mode_lands_just_under_target():
+    hp, m, hess = _quantized_tiny("budget", MATRIX_BITS="6")
+    cfg = T.model_config_for_artifact(hp, 1, False)
+    size = lambda e: len(T.pack_artifact(e, cfg, "zstd"))
+    fixed, _ = T.quantize_state(m.state_dict(), hess, tiny_hp(CLIP_MODE="fixed"), log=lambda *_: None)
+    ref = size(fixed)
+    for target in (int(ref * 0.93), int(ref * 1.05)):
+        hp_t = tiny_hp(CLIP_MODE="budget", TARGET_ARTIFACT_BYTES=str(target))
+        entries, _ = T.quantize_state(m.state_dict(), hess, hp_t, log=lambda *_: None, code_bytes=0,
+                                      model_bytes_of=size)
+        got = size(entries)
+        assert target * 0.995 <= got <= target, (target, got)
+
+
+def test_stream_report_against_entropy_bound():
+    hp, m, hess = _quantized_tiny()
+    entries, _ = T.quantize_state(m.state_dict(), hess, hp, log=lambda *_: None)
+    rows = T.stream_report(entries, T.model_config_for_artifact(hp, 1, False), "zstd")
+    assert rows and all(r["bytes"] > 0 and r["entropy_bytes"] > 0 for r in rows)
+
+
+def test_code_wrapper_is_self_extracting(tmp_path):
+    src = b"import sys\nprint('hello', __name__)\n" + b"# padding " * 500 + b"\n"
+    wrapped, kind = T.shipped_code(src)
+    assert kind == "lzma_wrapper" and len(wrapped) < len(src)
+    p = tmp_path / "w.py"
+    p.write_bytes(wrapped)
+    import subprocess, sys
+    out = subprocess.run([sys.executable, str(p)], capture_output=True, text=True).stdout
+    assert out.strip() == "hello __main__"
