@@ -1,0 +1,1 @@
+"""Benchmarks: FLOP model (flops.py) and training-step throughput / MFU (throughput.py)."""

@@ -1,0 +1,313 @@
+#!/usr/bin/env python3
+"""Training-step throughput and MFU of a train_gpt.py preset on this machine (CPU or one CUDA GPU).
+
+    python bench/throughput.py                      # PRESET=cpu_smoke, a few steps
+    PRESET=sota python bench/throughput.py --steps 10 --json out.json
+    NUM_LAYERS=4 TRAIN_BATCH_TOKENS=16384 python bench/throughput.py --preset sota --grad-accum 2
+
+Measures, in the same run: (1) the matmul peak of this device (square GEMMs of a few sizes, best of
+several, fp32 and bf16) and (2) the training step exactly as train_gpt.train() runs it (GRAD_ACCUM
+micro-steps of forward under autocast_context + backward, then Optimizers.step() and the EMA update;
+torch.compile via maybe_compile where train_gpt would use it). MFU = counted model FLOPs/s (bench/flops.py,
+causal document-masked attention at the keys per query measured from the batch) / the measured peak of
+the dtype the matmuls actually run in (bf16 under autocast, else fp32). Every hyperparameter comes from
+the environment exactly as for train_gpt.py (PRESET + UPPER_CASE overrides).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+import train_gpt as T  # noqa: E402
+from bench.flops import keys_per_query_from_ids, training_flops_per_token  # noqa: E402
+
+SAMPLE_DATA = os.path.join(ROOT, "data", "datasets", "offline_sample_sp1024")
+SAMPLE_TOKENIZER = os.path.join(ROOT, "data", "tokenizers", "offline_sample_1024_bpe.model")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, sizes: list[int], reps: int,
+                budget_s: float = 3.0) -> dict:
+    """Best FLOP/s of C = A @ B over square sizes (2n^3 FLOPs each), best of `reps` timed runs per size
+    (fewer if one size's budget runs out)."""
+    best, per = 0.0, {}
+    for n in sizes:
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
+        c = torch.empty(n, n, device=device, dtype=dtype)
+        torch.mm(a, b, out=c)
+        sync(device)
+        t_best, t_start = float("inf"), time.perf_counter()
+        for _ in range(reps):
+            if device.type == "cuda":
+                inner = max(1, int(2e12 // (2 * n ** 3)))  # ~ms of work per timed run on a GPU
+                e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                e0.record()
+                for _ in range(inner):
+                    torch.mm(a, b, out=c)
+                e1.record()
+                e1.synchronize()
+                t = e0.elapsed_time(e1) / 1000 / inner
+            else:
+                t0 = time.perf_counter()
+                torch.mm(a, b, out=c)
+                t = time.perf_counter() - t0
+            t_best = min(t_best, t)
+            if time.perf_counter() - t_start > budget_s:
+                break
+        per[n] = 2 * n ** 3 / t_best
+        best = max(best, per[n])
+    return {"best": best, "per_size": per}
+
+
+def make_batches(hp, device, micro_tokens: int, count: int, data: str, doc_len: float, seed: int):
+    """`count` micro-batches (x, y) of micro_tokens tokens in rows of TRAIN_SEQ_LEN, and the BOS id.
+    data: sample (the offline sample shards, packed like PackedDocumentLoader), synthetic (random tokens,
+    documents of geometric length with mean doc_len), auto (sample when present and VOCAB_SIZE >= 1024)."""
+    data_path, tok_path = hp.resolved_paths()
+    own = bool(T.list_shards(data_path, "train")) and os.path.isfile(tok_path) if os.path.isdir(data_path) else False
+    have_sample = own or (os.path.isdir(SAMPLE_DATA) and os.path.isfile(SAMPLE_TOKENIZER) and hp.vocab_size >= 1024)
+    if data == "auto":
+        data = "sample" if have_sample else "synthetic"
+    if data == "sample":
+        if not have_sample:
+            raise SystemExit("--data sample: no training shards (build them: python data/build_offline_sample.py)")
+        path, tok = (data_path, tok_path) if own else (SAMPLE_DATA, SAMPLE_TOKENIZER)
+        import sentencepiece as spm
+        bos = spm.SentencePieceProcessor(model_file=tok).bos_id()
+        loader = T.PackedDocumentLoader(T.list_shards(path, "train"), 0, 1, micro_tokens, hp.train_seq_len, device)
+        return [loader.next_batch() for _ in range(count)], bos, f"sample:{os.path.relpath(path, ROOT)}"
+    g = torch.Generator().manual_seed(seed)
+    bos, out = 1, []
+    for _ in range(count):
+        ids = torch.randint(2, hp.vocab_size, (micro_tokens + 1,), generator=g)
+        starts = torch.rand(micro_tokens + 1, generator=g) < 1.0 / max(doc_len, 1.0)
+        ids[starts] = bos
+        x, y = ids[:-1].view(-1, hp.train_seq_len), ids[1:].view(-1, hp.train_seq_len)
+        out.append((x.to(device), y.to(device)))
+    return out, bos, f"synthetic(mean doc {doc_len:g})"
+
+
+def bench_step(hp, device, steps: int, warmup: int, grad_accum: int, looping: bool, data: str,
+               doc_len: float, profile: str | None = None) -> dict:
+    micro_tokens = hp.train_batch_tokens // grad_accum
+    if micro_tokens % hp.train_seq_len:
+        raise SystemExit(f"TRAIN_BATCH_TOKENS/grad_accum = {micro_tokens} is not a multiple of "
+                         f"TRAIN_SEQ_LEN={hp.train_seq_len}")
+    batches, bos, source = make_batches(hp, device, micro_tokens, grad_accum, data, doc_len, hp.seed)
+    backend = T.choose_attention_backend(hp.attn_backend, device)
+    torch.manual_seed(hp.seed)
+    model = T.GPT(hp, bos, backend).to(device)
+    model.looping = looping
+    model.train()
+    opt = T.Optimizers(model, hp, 1, 0)
+    ema = T.ModelEMA(model, hp.ema_decay)
+    fwd = T.maybe_compile(model, hp, device)
+    autocast = T.autocast_context(hp, device)
+    bf16 = autocast._enabled
+    compiled = fwd is not model
+    cuda = device.type == "cuda"
+    phases = ["forward", "backward", "optimizer", "ema"]
+
+    def mark():
+        if cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def elapsed(a, b) -> float:
+        return a.elapsed_time(b) / 1000 if cuda else b - a
+
+    def one_step(times: dict) -> float:
+        sync(device)
+        t0 = time.perf_counter()
+        marks = []
+        for x, y in batches:
+            m0 = mark()
+            with T.autocast_context(hp, device):
+                loss = fwd(x, y)
+            m1 = mark()
+            (loss / grad_accum).backward()
+            marks.append((m0, m1, mark()))
+        o0 = mark()
+        opt.set_schedule(1.0, hp.muon_momentum)
+        opt.step()
+        o1 = mark()
+        ema.update(model)
+        o2 = mark()
+        sync(device)
+        wall = time.perf_counter() - t0
+        times["forward"] += sum(elapsed(a, b) for a, b, _ in marks)
+        times["backward"] += sum(elapsed(b, c) for _, b, c in marks)
+        times["optimizer"] += elapsed(o0, o1)
+        times["ema"] += elapsed(o1, o2)
+        return wall
+
+    scratch = dict.fromkeys(phases, 0.0)
+    t_warm = time.perf_counter()
+    for _ in range(warmup):
+        one_step(scratch)
+    warm_s = time.perf_counter() - t_warm
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    times = dict.fromkeys(phases, 0.0)
+    walls = []
+    prof = None
+    if profile:
+        from torch.profiler import ProfilerActivity, profile as tprofile
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        prof = tprofile(activities=acts, record_shapes=True)
+        prof.__enter__()
+    for _ in range(steps):
+        walls.append(one_step(times))
+    if prof is not None:
+        prof.__exit__(None, None, None)
+        sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        table = prof.key_averages().table(sort_by=sort, row_limit=30)
+        with open(profile, "w") as f:
+            f.write(table + "\n")
+        by_shape = prof.key_averages(group_by_input_shape=True).table(sort_by=sort, row_limit=25)
+        with open(profile, "a") as f:
+            f.write("\n# grouped by input shape\n" + by_shape + "\n")
+    keys = sum(keys_per_query_from_ids(x, bos, "causal") for x, _ in batches) / len(batches)
+    flops = training_flops_per_token(hp, looping, keys=keys)
+    tokens_step = micro_tokens * grad_accum
+    mean_s = sum(walls) / len(walls)
+    if cuda:
+        mem_mib = torch.cuda.max_memory_allocated(device) / 2 ** 20
+        mem_kind = "cuda max_memory_allocated"
+    else:
+        mem_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+        mem_kind = "process max RSS"
+    phase_total = sum(times.values())
+    return {
+        "data": source, "bos_id": bos, "attn_backend": backend, "compiled": compiled,
+        "matmul_dtype": "bf16" if bf16 else ("tf32/fp32" if cuda else "fp32"), "looping": looping,
+        "grad_accum": grad_accum, "micro_tokens": micro_tokens, "tokens_per_step": tokens_step,
+        "steps": steps, "warmup_steps": warmup, "warmup_s": warm_s,
+        "ms_per_step": 1000 * mean_s, "ms_per_step_best": 1000 * min(walls),
+        "tokens_per_s": tokens_step / mean_s,
+        "keys_per_query": keys, "flops_per_token": flops["total"], "flops_per_step": flops["total"] * tokens_step,
+        "muon_flops_per_step": flops["muon_per_step"],
+        "achieved_flops": flops["total"] * tokens_step / mean_s,
+        "phase_ms": {k: 1000 * v / steps for k, v in times.items()},
+        "phase_frac": {k: v / phase_total if phase_total else 0.0 for k, v in times.items()},
+        "peak_mem_mib": mem_mib, "peak_mem_kind": mem_kind,
+        "params": T.count_parameters(model),
+    }
+
+
+def render(res: dict) -> str:
+    s = res["step"]
+    rows = [
+        ("device", f"{res['device']} ({res['device_type']}, {res['threads']} threads)"),
+        ("preset / overrides", f"{res['preset']} {res['overrides'] or ''}".strip()),
+        ("torch", res["torch"]),
+        ("matmul peak fp32", f"{res['peak_fp32'] / 1e9:,.1f} GFLOP/s"),
+        ("matmul peak bf16", f"{res['peak_bf16'] / 1e9:,.1f} GFLOP/s" if res["peak_bf16"] else "not measured"),
+        ("model params", f"{s['params']:,}"),
+        ("data", s["data"]),
+        ("attention / compile / matmul dtype", f"{s['attn_backend']} / {int(s['compiled'])} / {s['matmul_dtype']}"),
+        ("looping (depth recurrence)", str(int(s["looping"]))),
+        ("tokens/step", f"{s['tokens_per_step']:,} = {s['grad_accum']} x {s['micro_tokens']:,}"),
+        ("steps timed (warm-up)", f"{s['steps']} ({s['warmup_steps']}, {s['warmup_s']:.1f}s)"),
+        ("ms/step mean (best)", f"{s['ms_per_step']:,.1f} ({s['ms_per_step_best']:,.1f})"),
+        ("tokens/s", f"{s['tokens_per_s']:,.0f}"),
+        ("keys/query (causal, measured)", f"{s['keys_per_query']:.1f}"),
+        ("model FLOPs/token (train)", f"{s['flops_per_token'] / 1e6:,.2f} M"),
+        ("model FLOPs/step", f"{s['flops_per_step'] / 1e12:,.4f} T (+ Muon NS {s['muon_flops_per_step'] / 1e12:.4f} T)"),
+        ("achieved", f"{s['achieved_flops'] / 1e9:,.1f} GFLOP/s"),
+        (f"MFU (vs {res['mfu_peak_dtype']} peak)", f"{100 * res['mfu']:.1f}%"),
+    ]
+    for k in ("forward", "backward", "optimizer", "ema"):
+        rows.append((f"  {k}", f"{s['phase_ms'][k]:,.1f} ms ({100 * s['phase_frac'][k]:.0f}%)"))
+    rows.append(("peak memory", f"{s['peak_mem_mib']:,.0f} MiB ({s['peak_mem_kind']})"))
+    w = max(len(a) for a, _ in rows)
+    lines = [f"| {'metric'.ljust(w)} | value |", f"|{'-' * (w + 2)}|-------|"]
+    lines += [f"| {a.ljust(w)} | {b} |" for a, b in rows]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="training-step throughput and MFU of a train_gpt.py preset")
+    ap.add_argument("--preset", default=os.environ.get("PRESET", "cpu_smoke"))
+    ap.add_argument("--steps", type=int, default=3, help="timed steps")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 1 CPU, 3 CUDA)")
+    ap.add_argument("--grad-accum", type=int, default=int(os.environ.get("BENCH_GRAD_ACCUM", 8)),
+                    help="micro-steps per step (train_gpt on 1 process: 8; env BENCH_GRAD_ACCUM)")
+    ap.add_argument("--looping", choices=["auto", "0", "1"], default="auto",
+                    help="depth recurrence on (auto: on when NUM_LOOPS > 0, the phase most steps run in)")
+    ap.add_argument("--data", choices=["auto", "sample", "synthetic"], default="auto")
+    ap.add_argument("--doc-len", type=float, default=1024.0, help="mean document length of synthetic data")
+    ap.add_argument("--peak-sizes", default=None, help="comma-separated GEMM sizes (default by device)")
+    ap.add_argument("--peak-reps", type=int, default=5)
+    ap.add_argument("--no-bf16-peak", action="store_true", help="skip the bf16 GEMM peak (slow on some CPUs)")
+    ap.add_argument("--profile", default=None, help="write a torch.profiler table of the timed steps here")
+    ap.add_argument("--json", default=None, help="write the results as JSON here")
+    a = ap.parse_args(argv)
+
+    env = {**os.environ, "PRESET": a.preset}
+    hp = T.Hyperparameters.from_env(env)
+    hp.validate(1, check_files=False)
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    sizes = [int(s) for s in a.peak_sizes.split(",")] if a.peak_sizes else \
+        ([2048, 4096, 8192] if device.type == "cuda" else [256, 512, 1024])
+    peak32 = matmul_peak(device, torch.float32, sizes, a.peak_reps)
+    peak16 = None if a.no_bf16_peak else matmul_peak(device, torch.bfloat16, sizes, a.peak_reps)
+    looping = (hp.num_loops > 0) if a.looping == "auto" else a.looping == "1"
+    warmup = a.warmup if a.warmup is not None else (3 if device.type == "cuda" else 1)
+    step = bench_step(hp, device, a.steps, warmup, a.grad_accum, looping, a.data, a.doc_len, a.profile)
+    use16 = step["matmul_dtype"] == "bf16"
+    peak = (peak16["best"] if use16 and peak16 else peak32["best"])
+    res = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "device": device_name(device), "device_type": device.type,
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "preset": a.preset,
+        "overrides": " ".join(f"{k}={v}" for k, v in sorted(T.env_overrides(hp, env).items()))
+        if hasattr(T, "env_overrides") else "",
+        "peak_fp32": peak32["best"], "peak_fp32_per_size": peak32["per_size"],
+        "peak_bf16": peak16["best"] if peak16 else 0.0,
+        "peak_bf16_per_size": peak16["per_size"] if peak16 else {},
+        "mfu_peak_dtype": "bf16" if use16 else "fp32", "mfu": step["achieved_flops"] / peak, "step": step,
+    }
+    print(render(res), flush=True)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(res, f, indent=1, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
