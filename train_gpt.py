@@ -151,7 +151,8 @@ class Hyperparameters:
     ttt_eval_seq_len: int = 2048
     ttt_batch_size: int = 64
     ttt_grad_steps: int = 1
-    ttt_warm_start_a: bool = True       # keep A across document batches (record); 0 = every doc starts alike
+    ttt_warm_start_a: bool = False      # 1 = keep A across document batches as the record did; that makes a
+                                        # doc's score depend on docs scored earlier but later in the stream
     ttt_weight_decay: float = 0.5
     ttt_beta1: float = 0.0
     ttt_beta2: float = 0.99
@@ -1384,7 +1385,7 @@ def train(hp: Hyperparameters, rt: Runtime, model: GPT, train_files: list[str], 
     fwd = maybe_compile(model, hp, rt.device)
     res = TrainResult()
 
-    def train_step(loader, step: int, frac: float) -> float:
+    def train_step(loader, step: int, frac: float) -> torch.Tensor:
         total = torch.zeros((), device=rt.device)
         for _ in range(rt.grad_accum_steps):
             x, y = loader.next_batch()
@@ -1394,7 +1395,7 @@ def train(hp: Hyperparameters, rt: Runtime, model: GPT, train_files: list[str], 
             total += loss.detach()
         opt.set_schedule(lr_multiplier(frac, step, hp), muon_momentum_at(step, hp))
         opt.step()
-        return float(total) / rt.grad_accum_steps
+        return total / rt.grad_accum_steps
 
     # Warm-up: compile / allocator warm-up with both layer schedules, plus a timed Hessian batch; then roll
     # back weights, optimizer state and loader so the timed run starts from the true init (spec §4.5).
@@ -1447,6 +1448,7 @@ def train(hp: Hyperparameters, rt: Runtime, model: GPT, train_files: list[str], 
         elapsed += clock() - t0
         step += 1
         if step <= 5 or step % hp.train_log_every == 0:
+            loss = float(all_reduce_(loss.detach().clone())) / rt.world_size  # mean over the global batch
             tps = step * tokens_per_step / max(elapsed, 1e-9)
             res.train_log.append({"step": step, "train_loss": loss, "train_time_ms": elapsed * 1000})
             log(f"{step}/{hp.iterations} train_loss: {loss:.4f} train_time: {elapsed / 60:.1f}m tok/s: {tps:.0f}")

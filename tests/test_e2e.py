@@ -1,0 +1,110 @@
+"""End-to-end runs of train_gpt.py on the offline sample: one process, two gloo ranks, reload, eval-only."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY, T
+
+RUN_ENV = {**TINY, "ITERATIONS": "40", "MAX_WALLCLOCK_SECONDS": "0", "TRAIN_LOG_EVERY": "10",
+           "MATRIX_LR": "0.02", "TTT_LORA_RANK": "4", "PHASED_TTT_PREFIX_DOCS": "2", "PHASED_TTT_NUM_PHASES": "1",
+           "EVAL_TIME_BUDGET": "600", "OMP_NUM_THREADS": "1"}
+
+
+def run(cmd, env, cwd, timeout=600):
+    full = {**os.environ, **env}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        full.pop(k, None) if k not in env else None
+    p = subprocess.run(cmd, env=full, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    assert p.returncode in (0, 3), p.stdout[-3000:] + p.stderr[-3000:]
+    return p
+
+
+def stage_line(text, stage):
+    m = re.search(rf"^{stage} val_loss:(\S+) val_bpb:(\S+) eval_time", text, re.M)
+    return float(m.group(1)), float(m.group(2))
+
+
+@pytest.fixture(scope="module")
+def single_run(sample, tmp_path_factory):
+    d = tmp_path_factory.mktemp("run1")
+    env = {**RUN_ENV, **sample, "RUN_ID": "one", "ARTIFACT_DIR": str(d / "art")}
+    p = run([sys.executable, os.path.join(ROOT, "train_gpt.py")], env, d)
+    return d, env, p.stdout
+
+
+def test_end_to_end_learns_and_writes_everything(single_run, sample):
+    d, env, out = single_run
+    rec = json.load(open(d / "art" / "run_record.json"))
+    for stage in ("prequant", "quantized", "quantized_sliding", "quantized_ttt_phased"):
+        assert stage in rec["stages"], stage
+        assert rec["stages"][stage]["tokens"] == 4096
+    assert re.search(r"^artifact_bytes:\d+ code_bytes:\d+ model_bytes:\d+", out, re.M)
+    a = rec["artifact"]
+    assert a["artifact_bytes"] == a["code_bytes"] + a["model_bytes"] == os.path.getsize(a["path"]) + a["code_bytes"]
+    assert rec["train"]["steps"] == 40 and not rec["train"]["budget_compliant"]  # fixed-step mode
+    assert (d / "logs" / "one.txt").exists() and (d / "art" / "prequant_model.pt").exists()
+    assert rec["code_sha256"] in open(d / "logs" / "one.txt").read()
+    # untrained model on the same validation tokens
+    hp = T.Hyperparameters.from_env({**RUN_ENV, **sample})
+    sp = T.load_tokenizer(hp.tokenizer_path, hp.vocab_size)
+    luts = T.build_byte_luts(sp, hp.vocab_size)
+    val = T.load_validation(hp, luts)
+    rt = T.Runtime(0, 1, 0, torch.device("cpu"), False, 8, str(d), T.RunLogger([], False))
+    untrained = T.eval_val(T.GPT(hp, luts.bos_id), val, hp, rt)
+    assert rec["final"]["val_bpb"] < untrained.val_bpb - 1.0
+    assert rec["stages"]["quantized"]["bytes"] == untrained.bytes
+
+
+def test_reload_in_fresh_process_gives_same_bpb(single_run, tmp_path):
+    d, env, out = single_run
+    env2 = {**env, "EVAL_ONLY": "1", "ARTIFACT": str(d / "art" / "final_model.ptz"), "ARTIFACT_DIR": str(tmp_path),
+            "RUN_ID": "reload", "TTT_ENABLED": "0", "EVAL_STRIDE": "0"}
+    p = run([sys.executable, os.path.join(ROOT, "train_gpt.py")], env2, tmp_path)
+    assert stage_line(p.stdout, "quantized") == stage_line(out, "quantized")
+
+
+def test_over_limit_artifact_is_kept_and_fails_loudly(single_run, tmp_path, monkeypatch):
+    d, env, _ = single_run
+    art = d / "art" / "final_model.ptz"
+    for k, v in {**env, "EVAL_ONLY": "1", "ARTIFACT": str(art), "ARTIFACT_DIR": str(tmp_path), "RUN_ID": "over",
+                 "TTT_ENABLED": "0", "EVAL_STRIDE": "0", "TARGET_ARTIFACT_BYTES": "900"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(T, "ARTIFACT_LIMIT_BYTES", 1000)
+    assert T.main() == 3
+    log = open(tmp_path / "log.txt").read()
+    assert "ERROR: ARTIFACT OVER THE 16,000,000-BYTE LIMIT" in log and art.exists()
+    assert json.load(open(tmp_path / "run_record.json"))["artifact"]["under_limit"] is False
+
+
+def test_requant_sweep_without_training(single_run, tmp_path):
+    d, env, _ = single_run
+    env2 = {**env, "REQUANT_FROM": str(d / "art" / "prequant_model.pt"), "CLIP_MODE": "adaptive",
+            "ARTIFACT_DIR": str(tmp_path), "RUN_ID": "requant", "TTT_ENABLED": "0", "EVAL_STRIDE": "0"}
+    p = run([sys.executable, os.path.join(ROOT, "train_gpt.py")], env2, tmp_path)
+    assert "training skipped" in p.stdout and "clip:adaptive offset" in p.stdout
+    assert "train_loss" not in p.stdout
+    rec = json.load(open(tmp_path / "run_record.json"))
+    assert rec["stages"]["prequant"]["val_bpb"] == pytest.approx(
+        json.load(open(d / "art" / "run_record.json"))["stages"]["prequant"]["val_bpb"], abs=1e-9)
+
+
+def test_two_gloo_ranks_match_one_process(sample, tmp_path):
+    env = {**RUN_ENV, **sample, "ITERATIONS": "5", "TTT_ENABLED": "0", "EVAL_STRIDE": "0", "WARMUP_STEPS": "0"}
+    one = run([sys.executable, os.path.join(ROOT, "train_gpt.py")],
+              {**env, "RUN_ID": "w1", "ARTIFACT_DIR": str(tmp_path / "w1")}, tmp_path)
+    two = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               os.path.join(ROOT, "train_gpt.py")], {**env, "RUN_ID": "w2", "ARTIFACT_DIR": str(tmp_path / "w2")},
+              tmp_path)
+    r1 = json.load(open(tmp_path / "w1" / "run_record.json"))
+    r2 = json.load(open(tmp_path / "w2" / "run_record.json"))
+    assert r2["world_size"] == 2 and "grad_accum_steps:4" in two.stdout
+    l1 = [e["train_loss"] for e in r1["train_log"]]
+    l2 = [e["train_loss"] for e in r2["train_log"]]
+    assert len(l1) == 5 and l1 == pytest.approx(l2, abs=2e-4)
+    assert r1["stages"]["quantized"]["val_bpb"] == pytest.approx(r2["stages"]["quantized"]["val_bpb"], abs=2e-3)

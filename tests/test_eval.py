@@ -1,0 +1,158 @@
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from conftest import T, cpu_runtime, randomize, tiny_hp
+
+
+def synthetic_val(n_docs=12, seed=0, min_len=40, max_len=300):
+    g = torch.Generator().manual_seed(seed)
+    parts = []
+    for _ in range(n_docs):
+        L = int(torch.randint(min_len, max_len, (1,), generator=g))
+        d = torch.randint(4, 1024, (L,), generator=g)
+        d[0] = 1
+        parts.append(d)
+    return torch.cat(parts + [torch.tensor([1])])
+
+
+def make_val(tokens):
+    bytes_ = (tokens[1:] % 3 + 1).to(torch.int32)
+    bytes_[tokens[1:] == 1] = 0
+    return T.ValidationData(tokens, bytes_, "test")
+
+
+def model_and_hp(**over):
+    hp = tiny_hp(**{**dict(TTT_LORA_LR="0.01", TTT_CHUNK_SIZE="32", TTT_BATCH_SIZE="4", PHASED_TTT_PREFIX_DOCS="6",
+                           PHASED_TTT_NUM_PHASES="2", GLOBAL_TTT_LR="0.01", GLOBAL_TTT_CHUNK_TOKENS="256",
+                           EVAL_TIME_BUDGET="100000"), **over})
+    m = randomize(T.GPT(hp, 1), seed=4, scale=0.05)
+    m.looping = True
+    return hp, m
+
+
+def run_eval(mode, model, val, hp, rt):
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    if mode == "plain":
+        r = T.eval_val(model, val, hp, rt, "plain", keep_losses=True)
+    elif mode == "sliding":
+        r = T.eval_sliding(model, val, hp, rt, "sliding", keep_losses=True)
+    else:
+        r = T.eval_ttt(model, val, hp, rt, mode, phased=(mode == "phased"), keep_losses=True, log=lambda *_: None)
+    model.load_state_dict(state)  # phased TTT trains the base weights
+    return r
+
+
+@pytest.mark.parametrize("mode", ["plain", "sliding", "ttt", "phased"])
+def test_causality_and_every_token_scored_once(mode, tmp_path):
+    hp, m = model_and_hp()
+    rt = cpu_runtime(tmp_path)
+    toks = synthetic_val()
+    val = make_val(toks)
+    base = run_eval(mode, m, val, hp, rt)
+    assert base.tokens == val.num_targets and base.bytes == int(val.target_bytes.sum())
+    assert base.token_losses.shape == (val.num_targets,) and torch.isfinite(base.token_losses).all()
+    assert math.isclose(base.loss_sum, float(base.token_losses.double().sum()), rel_tol=1e-5)
+    docs = T.find_docs(toks, 1)
+    for p in (docs[3][0] + 5, docs[8][0] + 17, toks.numel() - 10):
+        alt = toks.clone()
+        alt[p] = 4 + (alt[p] + 11) % 1000
+        assert alt[p] != 1
+        r = run_eval(mode, m, make_val(alt), hp, rt)
+        assert torch.equal(r.token_losses[: p - 1], base.token_losses[: p - 1]), f"{mode}: position {p} leaked"
+        assert not torch.equal(r.token_losses[p - 1:], base.token_losses[p - 1:])
+
+
+def test_sliding_with_full_stride_is_plain_eval(tmp_path):
+    hp, m = model_and_hp()
+    rt = cpu_runtime(tmp_path)
+    val = make_val(synthetic_val())
+    a = T.eval_sliding(m, val, hp, rt, stride=hp.eval_seq_len)
+    b = T.eval_val(m, val, hp, rt)
+    assert a.loss_sum == b.loss_sum and a.tokens == b.tokens == val.num_targets
+
+
+def test_distribution_is_normalised():
+    hp, m = model_and_hp()
+    ids = synthetic_val(2)[None, :100]
+    with torch.no_grad():
+        z = m.forward_logits(ids).float()
+        capped = hp.logit_softcap * torch.tanh(z / hp.logit_softcap)
+        p = capped.softmax(-1)
+    assert torch.allclose(p.sum(-1), torch.ones(p.shape[:-1]), atol=1e-5)
+    nll = T.softcap_cross_entropy(z, ids, hp.logit_softcap, "none")
+    assert torch.allclose(nll, -p.log().reshape(-1, p.size(-1)).gather(-1, ids.reshape(-1, 1)).flatten(), atol=1e-4)
+
+
+def test_doc_order_does_not_change_a_docs_ttt_loss(tmp_path):
+    """Adapters reset between documents: permuting documents leaves each document's loss unchanged."""
+    hp, m = model_and_hp()
+    rt = cpu_runtime(tmp_path)
+    toks = synthetic_val(9)
+    docs = T.find_docs(toks, 1)
+    pieces = [toks[s: s + L - 1] for s, L in docs]
+    order = list(reversed(range(len(pieces))))
+    shuffled = torch.cat([pieces[i] for i in order] + [torch.tensor([1])])
+    a = run_eval("ttt", m, make_val(toks), hp, rt)
+    b = run_eval("ttt", m, make_val(shuffled), hp, rt)
+    docs_b = T.find_docs(shuffled, 1)
+    for j, i in enumerate(order):
+        sa, La = docs[i]
+        sb, Lb = docs_b[j]
+        assert La == Lb
+        assert torch.allclose(a.token_losses[sa: sa + La - 1], b.token_losses[sb: sb + Lb - 1], atol=2e-5)
+
+
+def test_ttt_improves_on_repetitive_documents(tmp_path):
+    hp, m = model_and_hp(TTT_LORA_LR="0.05")
+    rt = cpu_runtime(tmp_path)
+    g = torch.Generator().manual_seed(3)
+    docs = []
+    for _ in range(6):
+        motif = torch.randint(4, 1024, (16,), generator=g)
+        docs.append(torch.cat([torch.tensor([1]), motif.repeat(12)]))
+    val = make_val(torch.cat(docs + [torch.tensor([1])]))
+    plain = run_eval("plain", m, val, hp, rt)
+    ttt = run_eval("ttt", m, val, hp, rt)
+    assert ttt.val_loss < plain.val_loss - 0.05
+
+
+def test_plan_ttt_adaptation_fits_budget():
+    # scoring 1e6 tokens at 1e4 tok/s = 100 s; phases cost 50 s and 100 s of SGD at 1e3 tok/s
+    assert T.plan_ttt_adaptation(400, 0, 10**6, 1e4, [5 * 10**4, 10**5], 1e3, 1) == (2, 1)
+    assert T.plan_ttt_adaptation(220, 0, 10**6, 1e4, [5 * 10**4, 10**5], 1e3, 1) == (1, 1)
+    assert T.plan_ttt_adaptation(120, 0, 10**6, 1e4, [5 * 10**4, 10**5], 1e3, 1) == (0, 1)
+    assert T.plan_ttt_adaptation(250, 0, 10**6, 1e4, [], 1e3, 4) == (0, 2)
+    assert T.plan_ttt_adaptation(10, 0, 10**6, 1e4, [10], 1e3, 3) == (0, 1)  # scoring is never dropped
+
+
+def _eval_worker(rank, world, path, out):
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    hp, m = model_and_hp()
+    rt = T.Runtime(rank, world, 0, torch.device("cpu"), True, 8 // world, "/tmp", T.RunLogger([], False))
+    val = make_val(synthetic_val())
+    res = {}
+    for mode in ("plain", "sliding", "phased"):
+        r = run_eval(mode, m, val, hp, rt)
+        res[mode] = (r.loss_sum, r.tokens, r.bytes, r.token_losses)
+    if rank == 0:
+        torch.save(res, out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_two_ranks_match_one(tmp_path):
+    outs = {}
+    for world in (1, 2):
+        out = str(tmp_path / f"e{world}.pt")
+        mp.spawn(_eval_worker, args=(world, str(tmp_path / f"pg{world}"), out), nprocs=world, join=True)
+        outs[world] = torch.load(out)
+    for mode in outs[1]:
+        a, b = outs[1][mode], outs[2][mode]
+        assert a[1] == b[1] and a[2] == b[2]
+        assert math.isclose(a[0], b[0], rel_tol=1e-5), mode
+        assert torch.allclose(a[3], b[3], atol=1e-4), mode
