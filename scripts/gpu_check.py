@@ -1,0 +1,351 @@
+#!/usr/bin/env python3
+"""Correctness checks of every accelerated path of train_gpt.py against its CPU reference.
+
+    python scripts/gpu_check.py            # on a CUDA machine: CUDA paths vs the CPU fp32 reference
+    python scripts/gpu_check.py --cpu      # no CUDA needed: the same checks of the CPU paths vs the reference
+    python scripts/gpu_check.py --summarize DIR   # final pass/fail table of a scripts/gpu_check.sh run
+
+Checks (random inputs, fixed seeds):
+  attention_<backend>  every attention backend (CUDA: sdpa / flash3 / flex, bf16 and fp32; CPU: sdpa fp32)
+                       vs attention_reference (per-document loop, fp32 CPU) on rows with several documents
+  model_fwd_bwd        a tiny GPT with every feature on (looping, XSA, parallel lanes, gates): CUDA bf16
+                       autocast (+ torch.compile) loss and grads vs fp32 CPU with the reference attention;
+                       CPU: the sdpa model vs the reference model (fp32) and CPU bf16 autocast vs fp32
+  orthogonalize        Newton-Schulz: CUDA (bf16, as in training) vs CPU fp32; CPU: fp32 vs a float64 copy
+  quant_roundtrip      Hessians + GPTQ + pack_artifact / unpack_artifact from (CUDA) tensors: unpacked
+                       entries identical, dequantized weights close, model_from_artifact on the device gives
+                       the loss of the same artifact rebuilt on CPU
+Each check prints one line; the exit status is the number of failed checks (0 = all pass).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import glob
+import json
+import math
+import os
+import sys
+import time
+import traceback
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+import train_gpt as T  # noqa: E402
+
+CPU = torch.device("cpu")
+
+TINY = dict(PRESET="cpu_smoke", NUM_LAYERS="4", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2",
+            TRAIN_SEQ_LEN="128", EVAL_SEQ_LEN="128", TRAIN_BATCH_TOKENS="2048", LOOP_START="1", LOOP_END="2",
+            NUM_LOOPS="1", PARALLEL_START_LAYER="3", XSA_LAST_N="4", ROPE_DIMS="8", GATE_WINDOW="8",
+            QUANT_MIN_NUMEL="1024", LQER_ENABLED="1", COMPILE="0")
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def tiny_hp(**over) -> T.Hyperparameters:
+    return T.Hyperparameters.from_env({**TINY, **{k.upper(): str(v) for k, v in over.items()}})
+
+
+def random_rows(B: int, Tn: int, vocab: int, bos: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows with documents of varied length (BOS at random places, some short docs)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, vocab, (B, Tn + 1), generator=g)
+    for b in range(B):
+        for p in torch.randint(1, Tn, (3 + b,), generator=g).tolist():
+            ids[b, p] = bos
+    ids[0, 5] = bos  # a 1-2 token document
+    ids[0, 6] = bos
+    return ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
+
+
+def randomize(model: torch.nn.Module, seed: int = 0, scale: float = 0.1) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return model
+
+
+# ---- checks ----------------------------------------------------------------------------------------
+
+def check_attention(device: torch.device) -> list[dict]:
+    out = []
+    g = torch.Generator().manual_seed(1)
+    B, Tn, H, Hkv, D = 2, 256, 8, 4, 64
+    q, k, v = (torch.randn(B, Tn, h, D, generator=g) for h in (H, Hkv, Hkv))
+    ids, _ = random_rows(B, Tn, 100, 1, 2)
+    seg = T.segment_ids(ids, 1)
+    ref = T.attention_reference(q, k, v, seg)
+    if device.type == "cuda":
+        names = ["sdpa", "flex"]
+        try:
+            import flash_attn_interface  # noqa: F401
+            names.append("flash3")
+        except ImportError:
+            out.append(dict(name="attention_flash3", ok=None, detail="skipped: flash_attn_interface not importable"))
+        dtypes = [torch.bfloat16, torch.float32]
+    else:
+        names, dtypes = ["sdpa"], [torch.float32]
+    for name in names:
+        for dt in dtypes:
+            if name == "flash3" and dt == torch.float32:
+                continue  # FA3 takes fp16/bf16 only
+            label = f"attention_{name}_{str(dt).split('.')[-1]}"
+            try:
+                fn = T.ATTENTION_BACKENDS[name]
+                y = fn(*(t.to(device, dt) for t in (q, k, v)), seg.to(device))
+                err = rel_err(y.float(), ref)
+                tol = 2e-2 if dt == torch.bfloat16 else (1e-3 if device.type == "cuda" else 1e-5)
+                out.append(dict(name=label, ok=err < tol, detail=f"rel_err {err:.2e} (tol {tol:.0e})", value=err))
+            except Exception as e:  # a backend that does not run is a failure, with its reason
+                out.append(dict(name=label, ok=False, detail=f"{type(e).__name__}: {str(e)[:160]}"))
+    return out
+
+
+def _loss_and_grads(model, ids, y, autocast_dtype=None, device_type="cpu", fwd=None):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast(device_type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+        loss = (fwd or model)(ids, y)
+    loss.backward()
+    grads = {n: p.grad.detach().float().cpu().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return float(loss.detach()), grads
+
+
+def _compare(name, loss, grads, ref_loss, ref_grads, loss_tol, grad_tol) -> dict:
+    dl = abs(loss - ref_loss) / max(abs(ref_loss), 1e-9)
+    errs = {n: rel_err(grads[n], ref_grads[n]) for n in ref_grads if ref_grads[n].norm() > 0}
+    worst = max(errs, key=errs.get)
+    total = rel_err(torch.cat([grads[n].flatten() for n in errs]), torch.cat([ref_grads[n].flatten() for n in errs]))
+    ok = dl < loss_tol and total < grad_tol and errs[worst] < 3 * grad_tol and set(grads) == set(ref_grads)
+    return dict(name=name, ok=ok, value=total,
+                detail=f"loss {loss:.5f} vs {ref_loss:.5f} (rel {dl:.1e}); grads rel_err all {total:.2e}, "
+                       f"worst {errs[worst]:.2e} ({worst}) tol {grad_tol:.0e}")
+
+
+def check_model(device: torch.device, compile_too: bool) -> list[dict]:
+    out = []
+    T.ATTENTION_BACKENDS.setdefault("reference", T.attention_reference)
+    hp = tiny_hp()
+    bos = 1
+    ids, y = random_rows(2, hp.train_seq_len, hp.vocab_size, bos, 3)
+    ref_model = randomize(T.GPT(hp, bos, "reference"))
+    ref_model.looping = True
+    ref_loss, ref_grads = _loss_and_grads(ref_model, ids, y)
+    if device.type == "cuda":
+        backend = T.choose_attention_backend("auto", device)
+        m = copy.deepcopy(ref_model).to(device)
+        m.attn_backend = backend
+        loss, grads = _loss_and_grads(m, ids.to(device), y.to(device), torch.bfloat16, "cuda")
+        out.append(_compare(f"model_fwd_bwd_cuda_bf16_{backend}", loss, grads, ref_loss, ref_grads, 2e-2, 6e-2))
+        m32 = copy.deepcopy(ref_model).to(device)
+        m32.attn_backend = "sdpa"
+        loss, grads = _loss_and_grads(m32, ids.to(device), y.to(device), None, "cuda")
+        out.append(_compare("model_fwd_bwd_cuda_fp32_sdpa", loss, grads, ref_loss, ref_grads, 1e-3, 1e-2))
+        if compile_too:
+            t0 = time.perf_counter()
+            try:
+                mc = copy.deepcopy(ref_model).to(device)
+                mc.attn_backend = backend
+                fwd = torch.compile(mc, dynamic=False)
+                loss, grads = _loss_and_grads(mc, ids.to(device), y.to(device), torch.bfloat16, "cuda", fwd)
+                r = _compare(f"model_fwd_bwd_cuda_bf16_{backend}_compiled", loss, grads, ref_loss, ref_grads,
+                             2e-2, 6e-2)
+                r["detail"] += f"; compile+run {time.perf_counter() - t0:.0f}s"
+                out.append(r)
+            except Exception as e:
+                out.append(dict(name="model_fwd_bwd_compiled", ok=False, detail=f"{type(e).__name__}: {str(e)[:200]}"))
+    else:
+        m = copy.deepcopy(ref_model)
+        m.attn_backend = "sdpa"
+        loss, grads = _loss_and_grads(m, ids, y)
+        out.append(_compare("model_fwd_bwd_cpu_fp32_sdpa", loss, grads, ref_loss, ref_grads, 1e-5, 1e-4))
+        loss, grads = _loss_and_grads(m, ids, y, torch.bfloat16, "cpu")
+        out.append(_compare("model_fwd_bwd_cpu_bf16_sdpa", loss, grads, ref_loss, ref_grads, 2e-2, 6e-2))
+    return out
+
+
+def _ns_reference(G: torch.Tensor, steps: int, coeffs: str, dtype: torch.dtype) -> torch.Tensor:
+    """The Newton-Schulz iteration of train_gpt.orthogonalize in an explicit dtype (float64 = reference)."""
+    table = T.NS_COEFFICIENTS[coeffs]
+    X = G.to(dtype)
+    tr = X.size(-2) > X.size(-1)
+    if tr:
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for i in range(steps):
+        a, b, c = table[min(i, len(table) - 1)]
+        A = X @ X.mT
+        X = a * X + (b * A + c * (A @ A)) @ X
+    return X.mT if tr else X
+
+
+def check_orthogonalize(device: torch.device) -> list[dict]:
+    out = []
+    g = torch.Generator().manual_seed(4)
+    for coeffs in ("polar_express", "standard"):
+        G = torch.randn(4, 128, 384, generator=g)
+        G2 = torch.randn(3, 256, 64, generator=g)  # tall: the transposed path
+        for label, M in (("wide", G), ("tall", G2)):
+            ref = T.orthogonalize(M, 5, coeffs)  # CPU: fp32
+            if device.type == "cuda":
+                y = T.orthogonalize(M.to(device), 5, coeffs).float()
+                err, tol, what = rel_err(y, ref), 0.1, "cuda bf16 vs cpu fp32 (bf16 emulated on CPU: 3-5e-2)"
+            else:
+                err, tol, what = rel_err(ref, _ns_reference(M, 5, coeffs, torch.float64)), 1e-4, "cpu fp32 vs float64"
+                bf = rel_err(_ns_reference(M, 5, coeffs, torch.bfloat16).float(), ref)
+                what += f"; bf16 emulated on cpu vs fp32 {bf:.1e}"
+            out.append(dict(name=f"orthogonalize_{coeffs}_{label}", ok=err < tol, value=err,
+                            detail=f"{what}: rel_err {err:.2e} (tol {tol:.0e})"))
+    return out
+
+
+def check_quant_roundtrip(device: torch.device) -> list[dict]:
+    T.ATTENTION_BACKENDS.setdefault("reference", T.attention_reference)
+    hp = tiny_hp(MATRIX_BITS=6, EMBED_BITS=7)
+    bos = 1
+    model = randomize(T.GPT(hp, bos, "sdpa"), seed=5).to(device)
+    model.looping = True
+    rt = T.Runtime(0, 1, 0, device, False, 1, "", T.RunLogger([], enabled=False))
+
+    class Batches:
+        def __init__(self):
+            self.i = 0
+
+        def next_batch(self):
+            self.i += 1
+            x, y = random_rows(4, hp.train_seq_len, hp.vocab_size, bos, 100 + self.i)
+            return x.to(device), y.to(device)
+    t0 = time.perf_counter()
+    hess = T.collect_hessians(model, Batches(), 2, hp, rt)
+    entries, _table = T.quantize_state(model.state_dict(), hess, hp, log=lambda *a, **k: None)
+    cfg = T.model_config_for_artifact(hp, bos, True)
+    blob = T.pack_artifact(entries, cfg, hp.compressor)
+    back, cfg2 = T.unpack_artifact(blob)
+    same = cfg2 == json.loads(json.dumps(cfg)) and set(back) == set(entries)
+    for n, e in entries.items():
+        b = back[n]
+        for f in ("q", "scale", "data"):
+            x, z = getattr(e, f), getattr(b, f)
+            if (x is None) != (z is None) or (x is not None and not torch.equal(x.cpu(), z.cpu())):
+                same = False
+        if (e.lqer is None) != (b.lqer is None):
+            same = False
+    deq = T.dequantize_state(back, cfg["lqer_asym_group"])
+    sd = {k: v.float().cpu() for k, v in model.state_dict().items()}
+    werr = max(rel_err(deq[n], sd[n]) for n in sd if sd[n].numel() >= 1024)
+    ids, y = random_rows(2, hp.train_seq_len, hp.vocab_size, bos, 7)
+    with torch.no_grad():
+        ref_loss = float(T.model_from_artifact(blob, hp, CPU, "reference")(ids, y))
+        dev_model = T.model_from_artifact(blob, hp, device, T.choose_attention_backend("auto", device))
+        with T.autocast_context(hp, device):
+            dev_loss = float(dev_model(ids.to(device), y.to(device)))
+        orig_loss = float(model.to(device)(ids.to(device), y.to(device)))
+    dl = abs(dev_loss - ref_loss) / abs(ref_loss)
+    tol = 2e-2 if device.type == "cuda" else 1e-5
+    ok = same and werr < 0.2 and dl < tol
+    return [dict(name="quant_roundtrip", ok=ok, value=dl,
+                 detail=f"unpack identical:{same}; worst dequant rel_err {werr:.3f} (<0.2; ~0.12 expected at 6 bits, 12.85 sigma clip); artifact {len(blob)} B; "
+                        f"loss {device.type} {dev_loss:.4f} vs cpu {ref_loss:.4f} (rel {dl:.1e}, tol {tol:.0e}); "
+                        f"unquantized {orig_loss:.4f}; {time.perf_counter() - t0:.1f}s")]
+
+
+# ---- summary of a gpu_check.sh run ---------------------------------------------------------------
+
+def summarize(d: str) -> int:
+    rows, bad = [], 0
+
+    def add(stage, ok, detail):
+        nonlocal bad
+        status = "SKIP" if ok is None else ("PASS" if ok else "FAIL")
+        bad += ok is False
+        rows.append((stage, status, detail))
+    env = os.path.join(d, "env.txt")
+    if os.path.isfile(env):
+        with open(env) as f:
+            add("environment", True, " | ".join(line.strip() for line in f if line.strip())[:160])
+    checks = os.path.join(d, "checks.json")
+    if os.path.isfile(checks):
+        with open(checks) as f:
+            for r in json.load(f)["results"]:
+                add(r["name"], r["ok"], r["detail"])
+    else:
+        add("checks", False, "no checks.json (scripts/gpu_check.py did not finish)")
+    tp = os.path.join(d, "throughput.json")
+    if os.path.isfile(tp):
+        with open(tp) as f:
+            r = json.load(f)
+        s = r["step"]
+        add("throughput", True, f"{r['preset']} {s['tokens_per_step']} tok/step ({s['grad_accum']}x{s['micro_tokens']}): "
+            f"{s['ms_per_step']:.1f} ms/step, {s['tokens_per_s']:,.0f} tok/s, MFU {100 * r['mfu']:.1f}% of measured "
+            f"{r['mfu_peak_dtype']} peak {r['peak_bf16' if r['mfu_peak_dtype'] == 'bf16' else 'peak_fp32'] / 1e12:.1f} "
+            f"TFLOP/s; fwd/bwd/opt {s['phase_ms']['forward']:.0f}/{s['phase_ms']['backward']:.0f}/"
+            f"{s['phase_ms']['optimizer']:.0f} ms; mem {s['peak_mem_mib']:.0f} MiB")
+    else:
+        add("throughput", False, "no throughput.json")
+    recs = glob.glob(os.path.join(d, "e2e", "run_record.json"))
+    if recs:
+        with open(recs[0]) as f:
+            r = json.load(f)
+        tr, art = r.get("train", {}), r.get("artifact", {})
+        stages = ", ".join(f"{k} {v['val_bpb']:.4f}" for k, v in r.get("stages", {}).items())
+        add("end_to_end", bool(art.get("under_limit")), f"{tr.get('steps')} steps {tr.get('step_avg_ms', 0):.0f} ms/step; "
+            f"artifact {art.get('artifact_bytes')} B; val_bpb: {stages}; eval {r.get('eval_time_s', 0):.0f}s")
+    else:
+        add("end_to_end", False, "no e2e/run_record.json (see e2e.log)")
+    w = max(len(a) for a, _, _ in rows)
+    print(f"\n{'check'.ljust(w)}  result  detail")
+    for a, s, dtl in rows:
+        print(f"{a.ljust(w)}  {s:6s}  {dtl}")
+    print(f"\n{sum(s == 'PASS' for _, s, _ in rows)} pass, {bad} fail, {sum(s == 'SKIP' for _, s, _ in rows)} skipped")
+    return min(bad, 100)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cpu", action="store_true", help="run the CPU paths against the reference (no CUDA needed)")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile model check on CUDA")
+    ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--summarize", default=None, metavar="DIR", help="print the final table of a gpu_check.sh run")
+    a = ap.parse_args(argv)
+    if a.summarize:
+        return summarize(a.summarize)
+    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    if not a.cpu and not torch.cuda.is_available():
+        print("no CUDA device: run with --cpu for the CPU mode", file=sys.stderr)
+        return 2
+    device = CPU if a.cpu else torch.device("cuda", 0)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 comparisons are against true fp32
+    results = []
+    for fn, args in ((check_attention, (device,)), (check_model, (device, not a.no_compile)),
+                     (check_orthogonalize, (device,)), (check_quant_roundtrip, (device,))):
+        t0 = time.perf_counter()
+        try:
+            rs = fn(*args)
+        except Exception as e:
+            traceback.print_exc()
+            rs = [dict(name=fn.__name__.replace("check_", ""), ok=False, detail=f"{type(e).__name__}: {str(e)[:200]}")]
+        for r in rs:
+            status = "SKIP" if r["ok"] is None else ("PASS" if r["ok"] else "FAIL")
+            print(f"{status} {r['name']}: {r['detail']}", flush=True)
+        print(f"     ({fn.__name__}: {time.perf_counter() - t0:.1f}s)", flush=True)
+        results += rs
+    failed = sum(r["ok"] is False for r in results)
+    print(f"gpu_check.py ({device.type}): {sum(r['ok'] is True for r in results)} pass, {failed} fail, "
+          f"{sum(r['ok'] is None for r in results)} skipped")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"device": device.type, "torch": torch.__version__, "results": results}, f, indent=1)
+    return min(failed, 100)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
