@@ -95,6 +95,8 @@ class Hyperparameters:
     sparse_attn_gate_scale: float = 0.5
     tied_embed_init_std: float = 0.005
     attn_backend: str = "auto"          # auto | sdpa | flex | flash3
+    fused_ce_enabled: bool = True       # Triton softcapped CE in training (CUDA only)
+    fused_mlp_enabled: bool = True      # Triton LeakyReLU^2 up-projection in training (CUDA only)
     compile: str = "auto"               # auto (CUDA only) | 1 | 0
     autocast_bf16: str = "auto"         # auto (CUDA only; CPU measured slower, docs/performance.md) | 1 | 0
     # optimizer
@@ -800,6 +802,151 @@ def softcap_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, cap: floa
     return F.cross_entropy(z.reshape(-1, z.size(-1)), targets.reshape(-1), reduction=reduction)
 
 
+def leaky_relu_sq_up(x: torch.Tensor, w: torch.Tensor, slope: float) -> torch.Tensor:
+    """MLP up-projection + activation: act(x W^T)^2 with act = LeakyReLU(slope) (ReLU when slope = 0)."""
+    h = F.linear(x, w)
+    return (F.leaky_relu(h, slope) if slope > 0 else F.relu(h)).square()
+
+
+try:  # Triton is optional: CUDA acceleration of the two references above (checked under TRITON_INTERPRET=1)
+    import triton
+    import triton.language as tl
+    HAS_TRITON = True
+except ImportError:
+    HAS_TRITON = False
+
+if HAS_TRITON:
+    @triton.jit
+    def _softcap_ce_fwd_kernel(z_ptr, z_stride, t_ptr, loss_ptr, lse_ptr, V, cap,
+                               HAS_CAP: tl.constexpr, BLOCK: tl.constexpr):
+        # c*tanh(z/c) = 2c*sigmoid(2z/c) - c; the constant -c cancels inside the softmax, so it is dropped.
+        row = tl.program_id(0).to(tl.int64)
+        base = z_ptr + row * z_stride
+        m = tl.zeros([], dtype=tl.float32) - float("inf")
+        s = tl.zeros([], dtype=tl.float32)
+        for start in range(0, V, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            mask = offs < V
+            z = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
+            c = 2.0 * cap * tl.sigmoid(2.0 * z / cap) if HAS_CAP else z
+            c = tl.where(mask, c, -float("inf"))
+            m_new = tl.maximum(m, tl.max(c, 0))
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(c - m_new), 0)
+            m = m_new
+        lse = m + tl.log(s)
+        zt = tl.load(base + tl.load(t_ptr + row)).to(tl.float32)
+        ct = 2.0 * cap * tl.sigmoid(2.0 * zt / cap) if HAS_CAP else zt
+        tl.store(loss_ptr + row, lse - ct)
+        tl.store(lse_ptr + row, lse)
+
+    @triton.jit
+    def _softcap_ce_bwd_kernel(z_ptr, z_stride, t_ptr, lse_ptr, g_ptr, dz_ptr, dz_stride, V, cap,
+                               HAS_CAP: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        lse = tl.load(lse_ptr + row)
+        g = tl.load(g_ptr + row)
+        t = tl.load(t_ptr + row)
+        for start in range(0, V, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            mask = offs < V
+            z = tl.load(z_ptr + row * z_stride + offs, mask=mask, other=0.0).to(tl.float32)
+            if HAS_CAP:
+                sig = tl.sigmoid(2.0 * z / cap)
+                grad = (tl.exp(2.0 * cap * sig - lse) - (offs == t).to(tl.float32)) * (4.0 * sig * (1.0 - sig))
+            else:
+                grad = tl.exp(z - lse) - (offs == t).to(tl.float32)
+            tl.store(dz_ptr + row * dz_stride + offs, (g * grad).to(dz_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _leaky_sq_up_kernel(x_ptr, w_ptr, pre_ptr, act_ptr, M, N, K, sxm, sxk, swn, swk, som, son, slope,
+                            BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr):
+        # one [BM, BN] tile of h = x W^T; the epilogue writes both h (for backward) and LeakyReLU(h)^2
+        rm = tl.program_id(0) * BM + tl.arange(0, BM)
+        rn = tl.program_id(1) * BN + tl.arange(0, BN)
+        rk = tl.arange(0, BK)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            kk = k0 + rk
+            a = tl.load(x_ptr + rm[:, None] * sxm + kk[None, :] * sxk, mask=(rm[:, None] < M) & (kk[None, :] < K),
+                        other=0.0)
+            b = tl.load(w_ptr + rn[None, :] * swn + kk[:, None] * swk, mask=(rn[None, :] < N) & (kk[:, None] < K),
+                        other=0.0)
+            if UPCAST:  # the CPU interpreter has no bf16 dot; fp32 products of bf16 inputs are the same math
+                acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+            else:
+                acc += tl.dot(a, b)
+        act = tl.where(acc > 0, acc, slope * acc)
+        out = rm[:, None] * som + rn[None, :] * son
+        mask = (rm[:, None] < M) & (rn[None, :] < N)
+        tl.store(pre_ptr + out, acc.to(pre_ptr.dtype.element_ty), mask=mask)
+        tl.store(act_ptr + out, (act * act).to(act_ptr.dtype.element_ty), mask=mask)
+
+
+class _SoftcapCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, t, cap):
+        N, V = z.shape
+        loss = torch.empty(N, dtype=torch.float32, device=z.device)
+        lse = torch.empty(N, dtype=torch.float32, device=z.device)
+        block = min(1024, triton.next_power_of_2(V))
+        _softcap_ce_fwd_kernel[(N,)](z, z.stride(0), t, loss, lse, V, cap, HAS_CAP=cap > 0, BLOCK=block)
+        ctx.save_for_backward(z, t, lse)
+        ctx.cap, ctx.block = cap, block
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):
+        z, t, lse = ctx.saved_tensors
+        dz = torch.empty_like(z)
+        _softcap_ce_bwd_kernel[(z.size(0),)](z, z.stride(0), t, lse, g.float().contiguous(), dz, dz.stride(0),
+                                             z.size(1), ctx.cap, HAS_CAP=ctx.cap > 0, BLOCK=ctx.block)
+        return dz, None, None
+
+
+def softcap_cross_entropy_fused(logits: torch.Tensor, targets: torch.Tensor, cap: float,
+                                reduction: str = "mean") -> torch.Tensor:
+    """Triton version of softcap_cross_entropy: one pass over the vocab per row (online log-sum-exp), the
+    backward recomputes probabilities from the saved LSE; softcapped logits are never materialised."""
+    z = logits.reshape(-1, logits.size(-1)).contiguous()
+    loss = _SoftcapCE.apply(z, targets.reshape(-1).contiguous(), float(cap))
+    return {"mean": loss.mean, "sum": loss.sum}.get(reduction, lambda: loss)()
+
+
+class _LeakyReluSqUp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, slope):
+        M, K = x.shape
+        N = w.size(0)
+        pre = torch.empty(M, N, dtype=x.dtype, device=x.device)
+        act = torch.empty_like(pre)
+        bm, bn, bk = (128, 128, 64) if x.is_cuda else (32, 32, 32)
+        grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
+        _leaky_sq_up_kernel[grid](x, w, pre, act, M, N, K, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
+                                  pre.stride(0), pre.stride(1), slope, BM=bm, BN=bn, BK=bk, UPCAST=not x.is_cuda)
+        ctx.save_for_backward(x, w, pre)
+        ctx.slope = slope
+        return act
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w, pre = ctx.saved_tensors
+        # d/dh of (a h)^2 = 2 a^2 h with a = 1 (h > 0) or slope (h <= 0)
+        gpre = g * torch.where(pre > 0, 2.0 * pre, (2.0 * ctx.slope * ctx.slope) * pre)
+        return gpre @ w, gpre.T @ x, None
+
+
+def leaky_relu_sq_up_fused(x: torch.Tensor, w: torch.Tensor, slope: float) -> torch.Tensor:
+    """Triton version of leaky_relu_sq_up: the activation is fused into the GEMM epilogue."""
+    shape = x.shape
+    out = _LeakyReluSqUp.apply(x.reshape(-1, shape[-1]).contiguous(), w.to(x.dtype).contiguous(), float(slope))
+    return out.view(*shape[:-1], w.size(0))
+
+
+def use_fused_kernels(x: torch.Tensor, enabled: bool, training: bool) -> bool:
+    """Fused kernels run in training on CUDA only; eval, TTT and calibration use the eager references."""
+    return enabled and training and HAS_TRITON and x.is_cuda
+
+
 # =============================================================================================
 # Model: norms, rotary, attention, MLP, block, GPT. Every architectural feature is a flag on the one
 # forward path; TTT LoRA adapters enter as the optional `lora` argument.
@@ -907,12 +1054,11 @@ class MLP(nn.Module):
         hidden = int(hp.mlp_mult * hp.model_dim)
         self.fc = nn.Linear(hp.model_dim, hidden, bias=False)
         self.proj = nn.Linear(hidden, hp.model_dim, bias=False)
-        self.slope = hp.mlp_negative_slope
+        self.slope, self.fused = hp.mlp_negative_slope, hp.fused_mlp_enabled
 
     def forward(self, u, lora=None, slot: int = 0):
-        h = self.fc(u)
-        h = F.leaky_relu(h, self.slope) if self.slope > 0 else F.relu(h)
-        return _add_delta(self.proj(h.square()), lora, f"{slot}_mlp", u)
+        up = leaky_relu_sq_up_fused if use_fused_kernels(u, self.fused, self.training) else leaky_relu_sq_up
+        return _add_delta(self.proj(up(u, self.fc.weight.to(u.dtype), self.slope)), lora, f"{slot}_mlp", u)
 
 
 class Block(nn.Module):
@@ -1060,7 +1206,9 @@ class GPT(nn.Module):
 
     def forward(self, ids, targets, lora=None, reduction: str = "mean"):
         logits = self.forward_logits(ids, lora)
-        loss = softcap_cross_entropy(logits, targets, self.hp.logit_softcap, reduction)
+        ce = softcap_cross_entropy_fused if use_fused_kernels(logits, self.hp.fused_ce_enabled, self.training) \
+            else softcap_cross_entropy
+        loss = ce(logits, targets, self.hp.logit_softcap, reduction)
         return loss if reduction != "none" else loss.view(targets.shape)
 
     def lora_shapes(self, hp: Hyperparameters) -> dict[str, tuple[int, int]]:
