@@ -30,7 +30,7 @@ OTHER_MODULES = ["data/caseops.py", "data/shard_tools.py", "data/cached_challeng
 
 # Env vars that are not Hyperparameters fields: name -> file (repo-relative) that must still mention it.
 FOREIGN_ENV = {
-    "PRESET": "train_gpt.py", "RANK": "train_gpt.py", "WORLD_SIZE": "train_gpt.py", "LOCAL_RANK": "train_gpt.py",
+    "PRESET": "train_gpt.py", "MASTER_ADDR": "train_gpt.py", "MASTER_PORT": "train_gpt.py", "RANK": "train_gpt.py", "WORLD_SIZE": "train_gpt.py", "LOCAL_RANK": "train_gpt.py",
     "MATCHED_FINEWEB_REPO_ID": "data/cached_challenge_fineweb.py",
     "MATCHED_FINEWEB_REMOTE_ROOT_PREFIX": "data/cached_challenge_fineweb.py",
     "SEEDS": "scripts/run_seeds.sh", "NPROC": "scripts/run_seeds.sh", "NAME": "scripts/run_seeds.sh",
@@ -140,6 +140,17 @@ def test_every_entry_names_code_or_env():
 def test_every_cited_name_exists(modules):
     problems = check_text(_guide(), modules)
     assert not problems, "learning_concepts.md cites names that do not exist:\n" + "\n".join(problems)
+
+
+@pytest.mark.parametrize("doc", ["docs/strategy.md", "docs/workstation.md", "docs/runpod_guide.md"])
+def test_docs_cite_existing_names(doc, modules):
+    """The other guides follow the same rule when they exist."""
+    path = os.path.join(ROOT, doc)
+    if not os.path.exists(path):
+        pytest.skip(f"{doc} not present")
+    with open(path, encoding="utf-8") as f:
+        problems = check_text(f.read(), modules)
+    assert not problems, f"{doc} cites names that do not exist:\n" + "\n".join(problems)
 
 
 def test_checker_catches_removed_names(modules):
