@@ -232,6 +232,7 @@ def render(res: dict) -> str:
         ("device", f"{res['device']} ({res['device_type']}, {res['threads']} threads)"),
         ("preset / overrides", f"{res['preset']} {res['overrides'] or ''}".strip()),
         ("torch", res["torch"]),
+        ("load avg 1 min (start, end)", f"{res['loadavg_1min'][0]:.1f}, {res['loadavg_1min'][1]:.1f} on {res['cpus']} CPUs"),
         ("matmul peak fp32", f"{res['peak_fp32'] / 1e9:,.1f} GFLOP/s"),
         ("matmul peak bf16", f"{res['peak_bf16'] / 1e9:,.1f} GFLOP/s" if res["peak_bf16"] else "not measured"),
         ("model params", f"{s['params']:,}"),
@@ -246,7 +247,7 @@ def render(res: dict) -> str:
         ("model FLOPs/token (train)", f"{s['flops_per_token'] / 1e6:,.2f} M"),
         ("model FLOPs/step", f"{s['flops_per_step'] / 1e12:,.4f} T (+ Muon NS {s['muon_flops_per_step'] / 1e12:.4f} T)"),
         ("achieved", f"{s['achieved_flops'] / 1e9:,.1f} GFLOP/s"),
-        (f"MFU (vs {res['mfu_peak_dtype']} peak)", f"{100 * res['mfu']:.1f}%"),
+        (f"MFU (vs {res['mfu_peak_dtype']} peak)", f"{100 * res['mfu']:.1f}% (best step: {100 * res['mfu_best']:.1f}%)"),
     ]
     for k in ("forward", "backward", "optimizer", "ema"):
         rows.append((f"  {k}", f"{s['phase_ms'][k]:,.1f} ms ({100 * s['phase_frac'][k]:.0f}%)"))
@@ -275,6 +276,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="write the results as JSON here")
     a = ap.parse_args(argv)
 
+    load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     env = {**os.environ, "PRESET": a.preset}
     hp = T.Hyperparameters.from_env(env)
     hp.validate(1, check_files=False)
@@ -300,7 +302,10 @@ def main(argv=None) -> int:
         "peak_fp32": peak32["best"], "peak_fp32_per_size": peak32["per_size"],
         "peak_bf16": peak16["best"] if peak16 else 0.0,
         "peak_bf16_per_size": peak16["per_size"] if peak16 else {},
-        "mfu_peak_dtype": "bf16" if use16 else "fp32", "mfu": step["achieved_flops"] / peak, "step": step,
+        "loadavg_1min": [load0, os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")],
+        "cpus": os.cpu_count(),
+        "mfu_peak_dtype": "bf16" if use16 else "fp32", "mfu": step["achieved_flops"] / peak,
+        "mfu_best": step["flops_per_step"] / (step["ms_per_step_best"] / 1000) / peak, "step": step,
     }
     print(render(res), flush=True)
     if a.json:

@@ -11,6 +11,7 @@ Checks (random inputs, fixed seeds):
   model_fwd_bwd        a tiny GPT with every feature on (looping, XSA, parallel lanes, gates): CUDA bf16
                        autocast (+ torch.compile) loss and grads vs fp32 CPU with the reference attention;
                        CPU: the sdpa model vs the reference model (fp32) and CPU bf16 autocast vs fp32
+  kernel_*             Triton fused softcapped CE and LeakyReLU^2 up-projection vs eager (CUDA only)
   orthogonalize        Newton-Schulz: CUDA (bf16, as in training) vs CPU fp32; CPU: fp32 vs a float64 copy
   quant_roundtrip      Hessians + GPTQ + pack_artifact / unpack_artifact from (CUDA) tensors: unpacked
                        entries identical, dequantized weights close, model_from_artifact on the device gives
@@ -107,6 +108,46 @@ def check_attention(device: torch.device) -> list[dict]:
                 out.append(dict(name=label, ok=err < tol, detail=f"rel_err {err:.2e} (tol {tol:.0e})", value=err))
             except Exception as e:  # a backend that does not run is a failure, with its reason
                 out.append(dict(name=label, ok=False, detail=f"{type(e).__name__}: {str(e)[:160]}"))
+    return out
+
+
+def check_kernels(device: torch.device) -> list[dict]:
+    """Triton kernels (fused softcapped CE, fused LeakyReLU^2 up-projection) vs their eager references:
+    values and gradients. CUDA only (the interpreter tests of tests/ cover them on CPU)."""
+    names = ("kernel_softcap_ce", "kernel_leaky_relu_sq_up")
+    if device.type != "cuda" or not getattr(T, "HAS_TRITON", False):
+        why = "needs CUDA" if device.type != "cuda" else "triton not importable"
+        return [dict(name=n, ok=None, detail=f"skipped: {why}") for n in names]
+    out = []
+    g = torch.Generator().manual_seed(6)
+    z = (torch.randn(512, 1024, generator=g) * 20).to(device, torch.bfloat16)
+    t = torch.randint(0, 1024, (512,), generator=g).to(device)
+    for name, fn_ref, fn in (("kernel_softcap_ce", T.softcap_cross_entropy, T.softcap_cross_entropy_fused),):
+        try:
+            za, zb = z.clone().requires_grad_(), z.clone().requires_grad_()
+            la, lb = fn_ref(za, t, 30.0), fn(zb, t, 30.0)
+            la.backward()
+            lb.backward()
+            dl, dg = abs(float(la) - float(lb)) / abs(float(la)), rel_err(zb.grad.float(), za.grad.float())
+            out.append(dict(name=name, ok=dl < 1e-3 and dg < 2e-2, value=dg,
+                            detail=f"loss rel {dl:.1e} (tol 1e-3); grad rel_err {dg:.2e} (tol 2e-2)"))
+        except Exception as e:
+            out.append(dict(name=name, ok=False, detail=f"{type(e).__name__}: {str(e)[:200]}"))
+    try:
+        x = torch.randn(1024, 512, generator=g).to(device, torch.bfloat16)
+        w = (torch.randn(2048, 512, generator=g) / 512 ** 0.5).to(device, torch.bfloat16)
+        xa, wa = x.clone().requires_grad_(), w.clone().requires_grad_()
+        xb, wb = x.clone().requires_grad_(), w.clone().requires_grad_()
+        ya, yb = T.leaky_relu_sq_up(xa, wa, 0.5), T.leaky_relu_sq_up_fused(xb, wb, 0.5)
+        gy = torch.randn(ya.shape, generator=g).to(device, torch.bfloat16)
+        ya.backward(gy)
+        yb.backward(gy)
+        e = [rel_err(yb.float(), ya.float()), rel_err(xb.grad.float(), xa.grad.float()),
+             rel_err(wb.grad.float(), wa.grad.float())]
+        out.append(dict(name="kernel_leaky_relu_sq_up", ok=max(e) < 2e-2, value=max(e),
+                        detail=f"out/dx/dw rel_err {e[0]:.1e}/{e[1]:.1e}/{e[2]:.1e} (tol 2e-2)"))
+    except Exception as e:
+        out.append(dict(name="kernel_leaky_relu_sq_up", ok=False, detail=f"{type(e).__name__}: {str(e)[:200]}"))
     return out
 
 
@@ -325,7 +366,7 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 comparisons are against true fp32
     results = []
-    for fn, args in ((check_attention, (device,)), (check_model, (device, not a.no_compile)),
+    for fn, args in ((check_attention, (device,)), (check_kernels, (device,)), (check_model, (device, not a.no_compile)),
                      (check_orthogonalize, (device,)), (check_quant_roundtrip, (device,))):
         t0 = time.perf_counter()
         try:
