@@ -1635,7 +1635,7 @@ def quantizable_linears(model: GPT) -> dict[str, nn.Module]:
     for i, b in enumerate(model.blocks):
         for sub in ("c_q", "c_k", "c_v", "proj"):
             out[f"blocks.{i}.attn.{sub}.weight"] = getattr(b.attn, sub)
-        out[f"blocks.{i}.mlp.fc.weight"] = b.mlp.fc
+        out[f"blocks.{i}.mlp.fc.weight"] = b.mlp  # fc's input is the MLP's input (fc.weight is used directly)
         out[f"blocks.{i}.mlp.proj.weight"] = b.mlp.proj
     out["lm_head.weight" if model.lm_head is not None else "tok_emb.weight"] = model.head_input
     return out
@@ -1878,7 +1878,8 @@ def quantize_state(state: dict[str, torch.Tensor], hessians: dict[str, torch.Ten
         for s in stats:
             name, W, bits = s["name"], state[s["name"]], s["bits"]
             scale = sdclip_scales(W, sig[name], bits)
-            q = gptq_quantize(W, hessians[name].cpu(), scale, bits)
+            H = hessians[name]  # GPTQ runs where the Hessians live (the GPU in a real run)
+            q = gptq_quantize(W.to(H.device), H, scale.to(H.device), bits).cpu()
             out[name] = QEntry("gptq", tuple(W.shape), "float32", q=q, scale=scale.half(), bits=bits, sigma=sig[name])
         if hp.lqer_enabled and hp.lqer_rank > 0 and stats:
             err = {n: state[n] - dequantize_entry(out[n], hp.lqer_asym_group) for n in gptq_names}
@@ -2141,11 +2142,25 @@ def code_source() -> bytes:
         return f.read()
 
 
+def minify_source(source: bytes) -> bytes:
+    """The same program without comments and docstrings (parse + unparse): fewer bytes to ship."""
+    import ast
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and \
+                isinstance(getattr(body[0], "value", None), ast.Constant) and isinstance(body[0].value.value, str):
+            node.body = body[1:] or [ast.Pass()]
+    return (ast.unparse(tree) + "\n").encode()
+
+
 def code_wrapper(source: bytes) -> bytes:
-    """A self-extracting, stdlib-only form of the script: lzma + base85, exec'd as __main__."""
-    packed = base64.b85encode(lzma.compress(source, preset=9 | lzma.PRESET_EXTREME)).decode()
-    return ("import lzma,base64\n_PG_SOURCE=lzma.decompress(base64.b85decode('" + packed + "'))\n"
-            "exec(compile(_PG_SOURCE,'train_gpt.py','exec'))\n").encode()
+    """A self-extracting, stdlib-only form of the script: minified, lzma + base85, exec'd as __main__."""
+    packed = base64.b85encode(lzma.compress(minify_source(source), preset=9 | lzma.PRESET_EXTREME)).decode()
+    # linecache lets inspect (and so @triton.jit) read the source of the exec'd code
+    return ("import lzma,base64,linecache\n_PG_SOURCE=lzma.decompress(base64.b85decode('" + packed + "'))\n"
+            "_n='train_gpt_src.py';linecache.cache[_n]=(len(_PG_SOURCE),None,_PG_SOURCE.decode().splitlines(True),_n)\n"
+            "exec(compile(_PG_SOURCE,_n,'exec'))\n").encode()
 
 
 def shipped_code(source: bytes) -> tuple[bytes, str]:
@@ -2196,6 +2211,7 @@ class ScoreBoard:
 
     def __init__(self, val: ValidationData, device, keep_losses: bool):
         self.val, self.device = val, device
+        self.target_bytes = val.target_bytes.to(device)
         self.loss = torch.zeros((), dtype=torch.float64, device=device)
         self.count = torch.zeros((), dtype=torch.float64, device=device)
         self.nbytes = torch.zeros((), dtype=torch.float64, device=device)
@@ -2206,7 +2222,7 @@ class ScoreBoard:
         """target_pos: indices into the target stream (target j = token j+1)."""
         self.loss += nll.double().sum()
         self.count += nll.numel()
-        self.nbytes += self.val.target_bytes.to(self.device)[target_pos].double().sum()
+        self.nbytes += self.target_bytes[target_pos].double().sum()
         if self.losses is not None:
             self.losses[target_pos] = nll.float()
             self.scored[target_pos] += 1
@@ -2255,16 +2271,19 @@ def eval_sliding(model: GPT, val: ValidationData, hp: Hyperparameters, rt: Runti
     model.eval()
     per_batch = max(1, hp.val_batch_tokens // (rt.world_size * seq))
     toks = val.tokens
+    st = torch.tensor(starts, dtype=torch.int64)
+    # window i scores from the end of window i-1 on (its first `first[i]` positions were scored before)
+    first = torch.zeros_like(st)
+    first[1:] = (st[:-1] + seq - st[1:]).clamp_min(0)
+    cols = torch.arange(seq)
     for b0 in range(lo, hi, per_batch):
-        idx = starts[b0: min(b0 + per_batch, hi)]
-        x = torch.stack([toks[s: s + seq] for s in idx]).to(rt.device)
-        y = torch.stack([toks[s + 1: s + seq + 1] for s in idx]).to(rt.device)
+        b1 = min(b0 + per_batch, hi)
+        idx = st[b0:b1, None] + cols[None, :]
+        x, y = toks[idx].to(rt.device), toks[idx + 1].to(rt.device)
         with autocast_context(hp, rt.device):
             nll = model(x, y, reduction="none").float()
-        for r, s in enumerate(idx):
-            prev_end = 0 if starts.index(s) == 0 else starts[starts.index(s) - 1] + seq
-            first = max(prev_end - s, 0)
-            board.add(torch.arange(s + first, s + seq, device=rt.device), nll[r, first:])
+        keep = (cols[None, :] >= first[b0:b1, None]).to(rt.device)
+        board.add(idx.to(rt.device)[keep], nll[keep])
     model.train(was_training)
     return board.result(stage, t0)
 
@@ -2448,7 +2467,11 @@ def eval_ttt(model: GPT, val: ValidationData, hp: Hyperparameters, rt: Runtime, 
         rate_score, rate_sgd = measure_ttt_throughput(model, hp, rt)
         cum = [sum(lengths[:b]) for b in bounds]
         kept, grad_steps = plan_ttt_adaptation(hp.eval_time_budget, time.perf_counter() - eval_t0,
-                                               sum(lengths), rate_score, cum, rate_sgd, grad_steps)
+                                               sum(lengths) / rt.world_size, rate_score,
+                                               [c / rt.world_size for c in cum], rate_sgd, grad_steps)
+        plan = all_reduce_(torch.tensor([kept, grad_steps], device=rt.device),
+                           dist.ReduceOp.MIN if dist.is_initialized() else None)  # one plan for all ranks
+        kept, grad_steps = int(plan[0]), int(plan[1])
         if kept < P:
             log(f"ttt_budget: keeping {kept}/{P} phases, grad_steps {grad_steps} to fit EVAL_TIME_BUDGET="
                 f"{hp.eval_time_budget:.0f}s (score {rate_score:.0f} tok/s, sgd {rate_sgd:.0f} tok/s)")

@@ -166,3 +166,48 @@ def test_code_wrapper_is_self_extracting(tmp_path):
     import subprocess, sys
     out = subprocess.run([sys.executable, str(p)], capture_output=True, text=True).stdout
     assert out.strip() == "hello __main__"
+
+
+def test_shipped_train_gpt_wrapper_runs(tmp_path):
+    import os, subprocess, sys
+    wrapped, kind = T.shipped_code(T.code_source())
+    assert kind == "lzma_wrapper" and len(wrapped) < len(T.code_source()) / 2
+    p = tmp_path / "train_gpt.py"
+    p.write_bytes(wrapped)
+    r = subprocess.run([sys.executable, str(p)], env={**os.environ, "NUM_HEADS": "7"}, capture_output=True,
+                       text=True, cwd=tmp_path, timeout=120)
+    assert r.returncode == 2 and "must be divisible by NUM_HEADS=7" in r.stderr, r.stderr[-2000:]
+
+
+class _FakeLoader:
+    def __init__(self, seed=0):
+        self.g = torch.Generator().manual_seed(seed)
+
+    def next_batch(self):
+        ids = torch.randint(2, 1024, (2, 64), generator=self.g)
+        ids[:, 0] = 1
+        return ids, ids
+
+
+def test_collect_hessians_covers_every_quantized_matrix(tmp_path):
+    from conftest import cpu_runtime
+    hp = tiny_hp()
+    m = randomize(T.GPT(hp, 1), scale=0.05)
+    m.looping = True
+    H = T.collect_hessians(m, _FakeLoader(), 2, hp, cpu_runtime(tmp_path))
+    sd = m.state_dict()
+    needed = {n for n, t in sd.items() if t.ndim == 2 and not T.is_control_tensor(n)}
+    assert needed <= set(H)
+    for n in needed:
+        assert H[n].shape == (sd[n].shape[1],) * 2 and torch.diag(H[n]).min() > 0, n
+    assert H["blocks.0.attn.c_q.weight"] is H["blocks.0.attn.c_v.weight"]  # one input, collected once
+    # the MLP up-projection's Hessian is X^T X of the MLP input
+    captured = []
+    hook = m.blocks[1].mlp.register_forward_hook(lambda mod, inp, out: captured.append(inp[0].reshape(-1, 64)))
+    with torch.no_grad():
+        ids, _ = _FakeLoader(1).next_batch()
+        m.forward_hidden(ids)
+    hook.remove()
+    X = torch.cat(captured)
+    H1 = T.collect_hessians(m, _FakeLoader(1), 1, hp, cpu_runtime(tmp_path))
+    assert torch.allclose(H1["blocks.1.mlp.fc.weight"], X.T @ X, rtol=1e-4, atol=1e-4)
