@@ -93,12 +93,21 @@ def load_data(hp: T.Hyperparameters):
     return luts, val, files
 
 
-def train_model(hp: T.Hyperparameters, rt: T.Runtime, luts, val, files):
-    """train() under the wall-clock budget, then the EMA weights applied as main() does. Returns the model
-    (eval mode, looping as training ended) and the TrainResult."""
+def cpu_clock():
+    """Seconds of CPU this process got, per torch thread: on a machine shared with other jobs, a budget on
+    this clock gives each arm the same compute however busy the machine is (at full use it runs like wall)."""
+    n = max(torch.get_num_threads(), 1)
+    return lambda: time.process_time() / n
+
+
+def train_model(hp: T.Hyperparameters, rt: T.Runtime, luts, val, files, clock: str = "wall"):
+    """train() under its time budget (MAX_WALLCLOCK_SECONDS on the wall clock, or on cpu_clock() with
+    clock="cpu"), then the EMA weights applied as main() does. Returns the model (looping as training
+    ended) and the TrainResult."""
     T.seed_everything(hp.seed)
     model = T.GPT(hp, luts.bos_id, "sdpa").to(rt.device)
-    res, ema = T.train(hp, rt, model, files, None, luts)
+    res, ema = T.train(hp, rt, model, files, None, luts,
+                       **({"clock": cpu_clock()} if clock == "cpu" else {}))
     if hp.ema_decay > 0:
         ema.apply_to(model)
     model.looping = res.looping_step is not None

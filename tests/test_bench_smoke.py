@@ -1,0 +1,48 @@
+"""The comparison benches (bench/arch_bench.py, quant_bench.py, ttt_bench.py) run end to end in --smoke mode
+(tiny model, ~3 s of training, small validation slice), print their table and write their JSON."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_bench(script, tmp_path, sample, *extra):
+    out = tmp_path / f"{script}.json"
+    env = {**os.environ, "DATA_PATH": sample["DATA_PATH"], "TOKENIZER_PATH": sample["TOKENIZER_PATH"]}
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "bench", f"{script}.py"), "--smoke", "--json", str(out),
+                        *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p.stdout, json.loads(out.read_text())
+
+
+def test_arch_bench_smoke(tmp_path, sample):
+    out, rec = run_bench("arch_bench", tmp_path, sample, "--seconds", "2")
+    assert "ratio sota/baseline" in out and "| arm" in out
+    assert [r["preset"] for r in rec["rows"]] == ["cpu_smoke", "baseline"]
+    assert all(r["steps"] >= 1 and r["val_bpb"] > 0 for r in rec["rows"])
+    assert rec["ratio_sota_over_baseline"]["val_bpb"] > 0
+
+
+def test_quant_bench_smoke(tmp_path, sample):
+    pre = tmp_path / "pre.pt"
+    out, rec = run_bench("quant_bench", tmp_path, sample, "--bits", "6", "--compressors", "zstd,raw",
+                         "--quant-min-numel", "1024", "--save-prequant", str(pre))
+    assert "| clip mode" in out.replace("| matrix bits | clip mode", "| clip mode") and "code/entropy" in out
+    assert [r["mode"] for r in rec["clip"]] == ["fixed", "adaptive", "budget"]
+    fixed, budget = rec["clip"][0], rec["clip"][2]
+    assert budget["model_bytes"] <= fixed["model_bytes"]  # budget lands at or just under the fixed bytes
+    assert {r["compressor"] for r in rec["compressors"]} == {"zstd", "raw"}
+    assert pre.is_file()
+
+
+@pytest.mark.parametrize("reuse", [False])
+def test_ttt_bench_smoke(tmp_path, sample, reuse):
+    out, rec = run_bench("ttt_bench", tmp_path, sample)
+    assert "| eval mode" in out
+    modes = [r["mode"] for r in rec["rows"]]
+    assert modes[0] == "plain" and modes[1].startswith("sliding") and "phased" in modes[3]
+    assert len({r["tokens"] for r in rec["rows"]}) == 1  # every mode scores the same slice
