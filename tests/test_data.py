@@ -1,4 +1,5 @@
 import math
+import os
 
 import numpy as np
 import pytest
@@ -140,3 +141,32 @@ def test_shuffled_loader_ranks_disjoint_seeded(sample):
     b = T.ShuffledSequenceLoader(files, 0, 1, 1024, 128, torch.device("cpu"), seed=5).next_batch()[0]
     c = T.ShuffledSequenceLoader(files, 0, 1, 1024, 128, torch.device("cpu"), seed=6).next_batch()[0]
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_caseops_validation_uses_the_byte_sidecar(tmp_path):
+    import json, subprocess, sys
+    from conftest import ROOT
+    docs = tmp_path / "docs.jsonl"
+    texts = [f"Doc {i}: The QUICK brown Fox, McDonald's iPhone \ue001 café 東京 #{i}." * 3 for i in range(60)]
+    docs.write_text("\n".join(json.dumps({"text": t}) for t in texts) + "\n")
+    subprocess.run([sys.executable, os.path.join(ROOT, "data", "build_offline_sample.py"), "--out-root", str(tmp_path),
+                    "--docs-jsonl", str(docs), "--val-docs", "10", "--vocab-size", "512", "--caseops"],
+                   check=True, capture_output=True)
+    (ds,) = [p for p in (tmp_path / "datasets").iterdir()]
+    (tok,) = [p for p in (tmp_path / "tokenizers").iterdir() if p.suffix == ".model"]
+    import sentencepiece as spm
+    V = spm.SentencePieceProcessor(model_file=str(tok)).vocab_size()  # small corpus: fewer than 512 pieces
+    hp = T.Hyperparameters.from_env({**TINY, "DATA_PATH": str(ds), "TOKENIZER_PATH": str(tok), "VOCAB_SIZE": str(V),
+                                     "CASEOPS_ENABLED": "1", "VAL_MAX_TOKENS": "0", "EVAL_SEQ_LEN": "16", "EVAL_STRIDE": "0"})
+    hp.validate(1)
+    sp = T.load_tokenizer(str(tok), V)
+    val = T.load_validation(hp, T.build_byte_luts(sp, V))
+    assert val.source == "caseops byte sidecar"
+    side = np.concatenate([T.load_shard(f, mmap=False) for f in sorted(ds.glob("fineweb_val_bytes_*.bin"))])
+    assert int(val.target_bytes.sum()) == int(side[1: val.num_targets + 1].sum())
+    assert int(val.target_bytes.sum()) != int(T.build_byte_luts(sp, V).target_bytes(val.tokens[:-1], val.tokens[1:]).sum())
+
+
+def test_rows_without_bos_are_one_segment():
+    ids = torch.tensor([[5, 6, 7, 8]])
+    assert T.segment_ids(ids, 1).unique().numel() == 1

@@ -32,7 +32,7 @@ def stage_line(text, stage):
 @pytest.fixture(scope="module")
 def single_run(sample, tmp_path_factory):
     d = tmp_path_factory.mktemp("run1")
-    env = {**RUN_ENV, **sample, "RUN_ID": "one", "ARTIFACT_DIR": str(d / "art")}
+    env = {**RUN_ENV, **sample, "RUN_ID": "one", "ARTIFACT_DIR": str(d / "art"), "SAVE_TOKEN_LOSSES": str(d / "tl")}
     p = run([sys.executable, os.path.join(ROOT, "train_gpt.py")], env, d)
     return d, env, p.stdout
 
@@ -108,3 +108,36 @@ def test_two_gloo_ranks_match_one_process(sample, tmp_path):
     l2 = [e["train_loss"] for e in r2["train_log"]]
     assert len(l1) == 5 and l1 == pytest.approx(l2, abs=2e-4)
     assert r1["stages"]["quantized"]["val_bpb"] == pytest.approx(r2["stages"]["quantized"]["val_bpb"], abs=2e-3)
+
+
+def test_token_losses_written_in_validation_order(single_run):
+    import numpy as np
+    d, env, _ = single_run
+    rec = json.load(open(d / "art" / "run_record.json"))
+    for stage, r in rec["stages"].items():
+        if stage == "prequant":
+            continue
+        arr = np.load(d / "tl" / f"{stage}.npy")
+        assert arr.dtype == np.float32 and arr.shape == (r["tokens"],)
+        assert float(arr.astype(np.float64).mean()) == pytest.approx(r["val_loss"], rel=1e-5)
+
+
+def test_package_two_real_cpu_runs(single_run, sample, tmp_path):
+    """Two short real CPU runs (two seeds) packaged as a (non-record) submission folder."""
+    d, env, _ = single_run
+    env2 = {**env, "SEED": "7", "RUN_ID": "two", "ARTIFACT_DIR": str(tmp_path / "two"), "ITERATIONS": "5",
+            "TTT_ENABLED": "0", "EVAL_STRIDE": "0", "SAVE_TOKEN_LOSSES": ""}
+    run([sys.executable, os.path.join(ROOT, "train_gpt.py")], env2, tmp_path)
+    cmd = [sys.executable, os.path.join(ROOT, "scripts", "make_submission.py"), str(d / "art"), str(tmp_path / "two"),
+           "--name", "cpu_test", "--author", "CI", "--github-id", "ci", "--blurb", "test", "--out-root", str(tmp_path / "subs")]
+    refused = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "budget" in (refused.stdout + refused.stderr).lower()
+    ok = subprocess.run(cmd + ["--non-record"], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    (folder,) = list((tmp_path / "subs").iterdir())
+    names = {p.name for p in folder.iterdir()}
+    assert {"train_gpt.py", "submission.json", "README.md"} <= names
+    assert any(n.startswith("train_seed") for n in names)
+    sub = json.load(open(folder / "submission.json"))
+    assert sorted(sub["seeds"]) == [7, 1337] and sub.get("non_record") is True
+    assert open(folder / "train_gpt.py", "rb").read() == open(os.path.join(ROOT, "train_gpt.py"), "rb").read()
