@@ -43,7 +43,6 @@ def run_arm(name: str, preset: str, shape: dict, seconds: float, quiet: bool, cl
            "train_time_s": res.train_time_ms / 1000, "wall_s_incl_warmup": wall, "tokens_per_s": res.tokens_per_s,
            "train_tokens": res.steps * hp.train_batch_tokens, "stop_reason": res.stop_reason,
            "looping_step": res.looping_step, "ema_decay": hp.ema_decay,
-           "final_train_loss": res.train_log[-1]["train_loss"] if res.train_log else None,
            "val_loss": r.val_loss, "val_bpb": r.val_bpb, "val_tokens": r.tokens, "val_bytes": r.bytes,
            "eval_time_s": r.time_ms / 1000,
            # contention diagnostics (shared machine): CPU seconds this process got per wall second per thread,
