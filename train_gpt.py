@@ -2639,7 +2639,7 @@ def main() -> int:
             log(f"budget: train_time:{train_res.train_time_ms / 1000:.1f}s hessian_time:{hessian_s:.1f}s "
                 f"sum:{total:.1f}s / {hp.max_wallclock_seconds:.0f}s {'OK' if total <= hp.max_wallclock_seconds else 'OVER'}")
         else:
-            log(f"budget: fixed-step mode (MAX_WALLCLOCK_SECONDS=0 or REQUANT_FROM): not budget-compliant")
+            log("budget: fixed-step mode (MAX_WALLCLOCK_SECONDS=0 or REQUANT_FROM): not budget-compliant")
         shipped, code_kind = shipped_code(source)
         code_bytes = len(shipped)
         log(f"Code size (uncompressed): {len(source)} bytes")
