@@ -741,43 +741,57 @@ def choose_attention_backend(requested: str, device: torch.device) -> str:
     return "sdpa"
 
 
-def attention_sdpa(q, k, v, seg):
-    """q [B,T,H,D], k/v [B,T,Hkv,D], seg [B,T] document ids -> [B,T,H,D]; causal within a document."""
-    T = q.size(1)
-    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-    mask = (seg[:, :, None] == seg[:, None, :]) & causal
-    rep = q.size(2) // k.size(2)
-    k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+def attention_sdpa(q, k, v, seg, doc=None):
+    """q [B,T,H,D], k/v [B,T,Hkv,D], seg [B,T] document ids -> [B,T,H,D]; causal within a document.
+    `doc` is the prepared mask (prepare_attention), shared by every layer of one forward."""
+    mask = document_causal_mask(seg) if doc is None else doc
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                       attn_mask=mask[:, None])
+                                       attn_mask=mask, enable_gqa=q.size(2) != k.size(2))
     return y.transpose(1, 2)
 
 
-def attention_flash3(q, k, v, seg):
+def document_causal_mask(seg: torch.Tensor) -> torch.Tensor:
+    T = seg.size(1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=seg.device).tril()
+    return ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]
+
+
+def attention_flash3(q, k, v, seg, doc=None):
     from flash_attn_interface import flash_attn_varlen_func
     B, T, H, D = q.shape
-    cu, longest = cu_seqlens_from_segments(seg)
+    cu, longest = cu_seqlens_from_segments(seg) if doc is None else doc
     out = flash_attn_varlen_func(q.reshape(B * T, H, D), k.reshape(B * T, -1, D), v.reshape(B * T, -1, D),
                                  cu, cu, longest, longest, causal=True)
     out = out[0] if isinstance(out, tuple) else out
     return out.reshape(B, T, H, D)
 
 
-def attention_flex(q, k, v, seg):
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+def flex_block_mask(seg: torch.Tensor):
+    from torch.nn.attention.flex_attention import create_block_mask
     B, T = seg.shape
 
     def doc_causal(b, h, qi, ki):
         return (qi >= ki) & (seg[b, qi] == seg[b, ki])
-    bm = create_block_mask(doc_causal, B, None, T, T, device=q.device)
+    return create_block_mask(doc_causal, B, None, T, T, device=seg.device)
+
+
+def attention_flex(q, k, v, seg, doc=None):
+    from torch.nn.attention.flex_attention import flex_attention
+    bm = flex_block_mask(seg) if doc is None else doc
     y = flex_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=bm, enable_gqa=True)
     return y.transpose(1, 2)
+
+
+def prepare_attention(backend: str, seg: torch.Tensor):
+    """Per-forward document structure for a backend (computed once, used by every layer)."""
+    return {"sdpa": document_causal_mask, "flash3": cu_seqlens_from_segments, "flex": flex_block_mask}.get(
+        backend, lambda _s: None)(seg)
 
 
 ATTENTION_BACKENDS = {"sdpa": attention_sdpa, "flash3": attention_flash3, "flex": attention_flex}
 
 
-def attention_reference(q, k, v, seg):
+def attention_reference(q, k, v, seg, doc=None):
     """Plain per-document loop: what every backend must equal."""
     out = torch.zeros_like(q)
     rep = q.size(2) // k.size(2)
@@ -1036,7 +1050,7 @@ class CausalSelfAttention(nn.Module):
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         q = q * self.q_gain.to(q.dtype)[None, None, :, None]
-        y = ATTENTION_BACKENDS[backend](q, k, v, seg)
+        y = ATTENTION_BACKENDS[backend](q, k, v, *seg)  # seg = (document ids, prepared structure)
         if xsa:  # remove each head's component along its own token's value direction (XSA)
             g = self.H // self.Hkv
             yv = y.view(B, T, self.Hkv, g, self.D)
@@ -1163,7 +1177,8 @@ class GPT(nn.Module):
         if hp.smear_gate_enabled:
             x = self.smear(x, ids)
         x = rms_norm(x)
-        x0, seg = x, segment_ids(ids, self.bos_id)
+        seg_ids = segment_ids(ids, self.bos_id)
+        x0, seg = x, (seg_ids, prepare_attention(self.attn_backend, seg_ids))
         rope = self.rope(ids.size(1), x.device, x.dtype)
         enc, dec = self.schedule()
         skips, slot = [], 0
