@@ -89,7 +89,7 @@ if [ "${GPU_CHECK_SKIP_E2E:-0}" != 1 ]; then
   if [ "$MODE" = cpu ]; then
     E2E+=(PRESET=cpu_smoke "MAX_WALLCLOCK_SECONDS=${E2E_SECONDS:-20}" TTT_ENABLED=0 EVAL_STRIDE=0
           "VAL_MAX_TOKENS=${E2E_VAL_TOKENS:-8192}")
-    LIMIT=150
+    LIMIT=400  # generous: a loaded shared CPU can be 10x slower than the ~20 s this takes
   else
     E2E+=(PRESET=sota "MAX_WALLCLOCK_SECONDS=${E2E_SECONDS:-90}" "VAL_MAX_TOKENS=${E2E_VAL_TOKENS:-131072}"
           PHASED_TTT_PREFIX_DOCS=32 EVAL_STRIDE=0 WARMUP_STEPS=3)

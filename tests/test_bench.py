@@ -103,7 +103,7 @@ def test_gpu_check_cpu_mode(tmp_path):
     for k in [k for k in env if k in ("PRESET", "OUT")]:
         env.pop(k)
     p = subprocess.run(["bash", os.path.join(ROOT, "scripts", "gpu_check.sh"), "--cpu"], env=env,
-                       capture_output=True, text=True, timeout=400, cwd=ROOT)
+                       capture_output=True, text=True, timeout=1200, cwd=ROOT)
     assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-2000:])
     summary = (tmp_path / "gc" / "summary.txt").read_text()
     assert " 0 fail" in summary and "end_to_end" in summary and "throughput" in summary
