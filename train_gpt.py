@@ -2415,6 +2415,8 @@ def global_sgd_on_scored(model: GPT, val: ValidationData, docs, scored: list[int
                          rt: Runtime) -> None:
     """Phased TTT: SGD on the base weights over documents that are already fully scored (cosine LR over
     chunks of GLOBAL_TTT_CHUNK_TOKENS, momentum, clipped), gradients averaged across ranks."""
+    if not scored:
+        return
     stream = torch.cat([val.tokens[s: s + L] for s, L in (docs[d] for d in sorted(scored))])
     seq = hp.ttt_eval_seq_len
     chunk = max(seq + 1, hp.global_ttt_chunk_tokens)
@@ -2477,7 +2479,8 @@ def eval_ttt(model: GPT, val: ValidationData, hp: Hyperparameters, rt: Runtime, 
     grad_steps = hp.ttt_grad_steps
     n_prefix = min(hp.phased_ttt_prefix_docs, len(docs)) if phased and hp.phased_ttt_num_phases > 0 else 0
     P = hp.phased_ttt_num_phases if n_prefix else 0
-    bounds = [n_prefix * (p + 1) // P for p in range(P)]
+    bounds = sorted({n_prefix * (p + 1) // P for p in range(P)} - {0})  # no empty phase
+    P = len(bounds)
     if P:
         rate_score, rate_sgd = measure_ttt_throughput(model, hp, rt)
         cum = [sum(lengths[:b]) for b in bounds]

@@ -156,3 +156,10 @@ def test_two_ranks_match_one(tmp_path):
         assert a[1] == b[1] and a[2] == b[2]
         assert math.isclose(a[0], b[0], rel_tol=1e-5), mode
         assert torch.allclose(a[3], b[3], atol=1e-4), mode
+
+
+def test_phased_ttt_with_fewer_docs_than_phases(tmp_path):
+    hp, m = model_and_hp(PHASED_TTT_NUM_PHASES="3", PHASED_TTT_PREFIX_DOCS="2")
+    val = make_val(synthetic_val(n_docs=1))
+    r = T.eval_ttt(m, val, hp, cpu_runtime(tmp_path), "phased", True, log=lambda *_: None)
+    assert r.tokens == val.num_targets and r.info["phases"] == 1
