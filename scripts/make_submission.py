@@ -154,6 +154,25 @@ def unwrap(wrapper: bytes):
         return None
 
 
+def expected_wrapper(code_bytes: bytes):
+    """The self-extracting (minified) wrapper that this exact code builds of itself, or None."""
+    import importlib.util
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "train_gpt_check.py"
+        path.write_bytes(code_bytes)
+        try:
+            spec = importlib.util.spec_from_file_location("train_gpt_check", path)
+            mod = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = mod  # dataclasses look their module up while the class is built
+            spec.loader.exec_module(mod)
+            return mod.shipped_code(code_bytes)[0]
+        except Exception:
+            return None
+        finally:
+            sys.modules.pop("train_gpt_check", None)
+
+
 def shipped_wrapper(recs, code_bytes: bytes):
     """(wrapper bytes or None, problem or None) from the runs' train_gpt_shipped.py files.
 
@@ -170,7 +189,7 @@ def shipped_wrapper(recs, code_bytes: bytes):
     if len(blobs) > 1:
         return None, f"the runs' {WRAPPER_NAME} files differ"
     blob = blobs.pop()
-    if blob != code_bytes and unwrap(blob) != code_bytes:
+    if blob != code_bytes and unwrap(blob) != code_bytes and blob != expected_wrapper(code_bytes):
         return None, f"{WRAPPER_NAME} in the run dirs does not unwrap to the code being shipped"
     for r in recs:
         cb = runlib.get(r, "artifact", "code_bytes")
@@ -181,7 +200,7 @@ def shipped_wrapper(recs, code_bytes: bytes):
 
 def _config_key(rec):
     cfg = dict(rec.get("config") or {})
-    for k in ("seed", "run_id", "artifact_dir"):
+    for k in ("seed", "run_id", "artifact_dir", "save_token_losses"):  # identity / output locations only
         cfg.pop(k, None)
     return json.dumps(cfg, sort_keys=True, default=str)
 

@@ -22,7 +22,7 @@ STAGES = ["prequant", "quantized", "quantized_sliding", "quantized_ttt", "quanti
 RECORD_NAME = "run_record.json"
 LOG_NAMES = ["log.txt"]
 # Env vars that name a run rather than configure it; they differ per seed by design.
-IDENTITY_VARS = {"SEED", "RUN_ID", "ARTIFACT_DIR"}
+IDENTITY_VARS = {"SEED", "RUN_ID", "ARTIFACT_DIR", "SAVE_TOKEN_LOSSES"}
 
 # `<stage> val_loss:X val_bpb:Y eval_time:Nms`, and the closing `final <stage> val_loss:X val_bpb:Y`.
 _FINAL_RE = re.compile(r"^(?P<final>final )?(?P<stage>[A-Za-z][A-Za-z0-9_]*) val_loss:(?P<loss>[-+0-9.eE]+)"

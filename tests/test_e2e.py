@@ -63,7 +63,7 @@ def test_end_to_end_learns_and_writes_everything(single_run, sample):
 def test_reload_in_fresh_process_gives_same_bpb(single_run, tmp_path):
     d, env, out = single_run
     env2 = {**env, "EVAL_ONLY": "1", "ARTIFACT": str(d / "art" / "final_model.ptz"), "ARTIFACT_DIR": str(tmp_path),
-            "RUN_ID": "reload", "TTT_ENABLED": "0", "EVAL_STRIDE": "0"}
+            "RUN_ID": "reload", "TTT_ENABLED": "0", "EVAL_STRIDE": "0", "SAVE_TOKEN_LOSSES": ""}
     p = run([sys.executable, os.path.join(ROOT, "train_gpt.py")], env2, tmp_path)
     assert stage_line(p.stdout, "quantized") == stage_line(out, "quantized")
 
@@ -72,7 +72,7 @@ def test_over_limit_artifact_is_kept_and_fails_loudly(single_run, tmp_path, monk
     d, env, _ = single_run
     art = d / "art" / "final_model.ptz"
     for k, v in {**env, "EVAL_ONLY": "1", "ARTIFACT": str(art), "ARTIFACT_DIR": str(tmp_path), "RUN_ID": "over",
-                 "TTT_ENABLED": "0", "EVAL_STRIDE": "0", "TARGET_ARTIFACT_BYTES": "900"}.items():
+                 "TTT_ENABLED": "0", "EVAL_STRIDE": "0", "TARGET_ARTIFACT_BYTES": "900", "SAVE_TOKEN_LOSSES": ""}.items():
         monkeypatch.setenv(k, v)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(T, "ARTIFACT_LIMIT_BYTES", 1000)
@@ -85,7 +85,8 @@ def test_over_limit_artifact_is_kept_and_fails_loudly(single_run, tmp_path, monk
 def test_requant_sweep_without_training(single_run, tmp_path):
     d, env, _ = single_run
     env2 = {**env, "REQUANT_FROM": str(d / "art" / "prequant_model.pt"), "CLIP_MODE": "adaptive",
-            "ARTIFACT_DIR": str(tmp_path), "RUN_ID": "requant", "TTT_ENABLED": "0", "EVAL_STRIDE": "0"}
+            "ARTIFACT_DIR": str(tmp_path), "RUN_ID": "requant", "TTT_ENABLED": "0", "EVAL_STRIDE": "0",
+            "SAVE_TOKEN_LOSSES": ""}
     p = run([sys.executable, os.path.join(ROOT, "train_gpt.py")], env2, tmp_path)
     assert "training skipped" in p.stdout and "clip:adaptive offset" in p.stdout
     assert "train_loss" not in p.stdout
@@ -125,8 +126,7 @@ def test_token_losses_written_in_validation_order(single_run):
 def test_package_two_real_cpu_runs(single_run, sample, tmp_path):
     """Two short real CPU runs (two seeds) packaged as a (non-record) submission folder."""
     d, env, _ = single_run
-    env2 = {**env, "SEED": "7", "RUN_ID": "two", "ARTIFACT_DIR": str(tmp_path / "two"), "ITERATIONS": "5",
-            "TTT_ENABLED": "0", "EVAL_STRIDE": "0", "SAVE_TOKEN_LOSSES": ""}
+    env2 = {**env, "SEED": "7", "RUN_ID": "two", "ARTIFACT_DIR": str(tmp_path / "two"), "SAVE_TOKEN_LOSSES": ""}
     run([sys.executable, os.path.join(ROOT, "train_gpt.py")], env2, tmp_path)
     cmd = [sys.executable, os.path.join(ROOT, "scripts", "make_submission.py"), str(d / "art"), str(tmp_path / "two"),
            "--name", "cpu_test", "--author", "CI", "--github-id", "ci", "--blurb", "test", "--out-root", str(tmp_path / "subs")]
