@@ -314,7 +314,7 @@ PRESETS: dict[str, dict] = {
         iterations=1000, max_wallclock_seconds=120.0, gptq_reserve_seconds=2.0, warmup_steps=2,
         xsa_last_n=6, loop_start=2, loop_end=3, num_loops=1, parallel_start_layer=4, rope_dims=16,
         train_log_every=25, val_max_tokens=32_768, gptq_calibration_batches=4, calibration_batch_tokens=8192,
-        matrix_lr=0.03, tied_embed_lr=0.05, muon_momentum_warmup_steps=100, ema_decay=0.99,
+        matrix_lr=0.03, tied_embed_lr=0.05, muon_momentum_warmup_steps=100, ema_decay=0.9,
         target_artifact_bytes=2_000_000, eval_stride=128, quant_min_numel=4096, ttt_lora_rank=8,
         ttt_lora_alpha=16.0, ttt_lora_lr=3e-3, ttt_chunk_size=64, ttt_eval_seq_len=256, ttt_batch_size=32,
         phased_ttt_prefix_docs=16, phased_ttt_num_phases=2, global_ttt_chunk_tokens=4096,
