@@ -1262,11 +1262,11 @@ NS_COEFFICIENTS = {
 }
 
 
-def orthogonalize(G: torch.Tensor, steps: int, coeffs: str = "polar_express") -> torch.Tensor:
+def orthogonalize(G: torch.Tensor, steps: int, coeffs: str = "polar_express", dtype=None) -> torch.Tensor:
     """Approximate the polar factor U V^T of each matrix in G ([..., r, c]) by Newton-Schulz iterations.
-    bf16 on CUDA (as the record), fp32 elsewhere."""
+    Computed in `dtype`: by default bf16 on CUDA (as the record), fp32 elsewhere."""
     table = NS_COEFFICIENTS[coeffs]
-    X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)
+    X = G.to(dtype or (torch.bfloat16 if G.is_cuda else torch.float32))
     transpose = X.size(-2) > X.size(-1)
     if transpose:
         X = X.mT

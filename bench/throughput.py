@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import sys
 import time
@@ -30,6 +29,7 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 import train_gpt as T  # noqa: E402
+from bench.common import cpu_name  # noqa: E402
 from bench.flops import keys_per_query_from_ids, training_flops_per_token  # noqa: E402
 
 SAMPLE_DATA = os.path.join(ROOT, "data", "datasets", "offline_sample_sp1024")
@@ -42,16 +42,7 @@ def sync(device: torch.device) -> None:
 
 
 def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, sizes: list[int], reps: int,
