@@ -138,8 +138,8 @@ class Hyperparameters:
     lqer_top_k: int = 3
     lqer_asym_group: int = 64
     compressor: str = "zstd"            # zstd | lzma | raw
-    save_prequant: bool = True
-    requant_from: str = ""              # path of a saved pre-quantization state: skip training
+    save_prequant: bool = True          # write prequant_model.pt + hessians.pt for REQUANT_FROM sweeps
+    requant_from: str = ""              # a saved prequant_model.pt: skip training (reuses hessians.pt beside it)
     # evaluation
     eval_only: bool = False
     artifact: str = ""                  # artifact path for EVAL_ONLY=1
@@ -2482,7 +2482,10 @@ def eval_ttt(model: GPT, val: ValidationData, hp: Hyperparameters, rt: Runtime, 
     bounds = sorted({n_prefix * (p + 1) // P for p in range(P)} - {0})  # no empty phase
     P = len(bounds)
     if P:
+        t_probe = time.perf_counter()
         rate_score, rate_sgd = measure_ttt_throughput(model, hp, rt)
+        log(f"ttt_warmup: throughput probe on synthetic tokens {time.perf_counter() - t_probe:.1f}s "
+            f"(score+train {rate_score:.0f} tok/s, global sgd {rate_sgd:.0f} tok/s)")
         cum = [sum(lengths[:b]) for b in bounds]
         kept, grad_steps = plan_ttt_adaptation(hp.eval_time_budget, time.perf_counter() - eval_t0,
                                                sum(lengths) / rt.world_size, rate_score,
@@ -2647,9 +2650,19 @@ def main() -> int:
         stages["prequant"] = r
         log(r.line().replace("prequant", "diagnostic pre-quantization post-ema", 1))
         t0 = time.perf_counter()
-        log(f"GPTQ:collecting Hessians from calibration data (training shards, {hp.gptq_calibration_batches} "
-            f"batches x {hp.calibration_batch_tokens} tokens/rank)...")
-        hessians = collect_hessians(model, calibration_loader(hp, rt, train_files), hp.gptq_calibration_batches, hp, rt)
+        saved_h = os.path.join(os.path.dirname(hp.requant_from), "hessians.pt") if hp.requant_from else ""
+        if saved_h and os.path.isfile(saved_h):  # a sweep reuses the run's Hessians: no training data needed
+            hessians = torch.load(saved_h, map_location=rt.device)
+            log(f"GPTQ:reusing {len(hessians)} Hessians from {saved_h}")
+        else:
+            log(f"GPTQ:collecting Hessians from calibration data (training shards, {hp.gptq_calibration_batches} "
+                f"batches x {hp.calibration_batch_tokens} tokens/rank)...")
+            hessians = collect_hessians(model, calibration_loader(hp, rt, train_files), hp.gptq_calibration_batches,
+                                        hp, rt)
+            if hp.save_prequant and rt.is_main:
+                buf = io.BytesIO()
+                torch.save(hessians, buf)
+                write_atomic(os.path.join(rt.run_dir, "hessians.pt"), buf.getvalue())
         hessian_s = time.perf_counter() - t0
         log(f"GPTQ:collected {len(hessians)} Hessians in {hessian_s:.1f}s")
         total = train_res.train_time_ms / 1000 + hessian_s

@@ -89,6 +89,7 @@ def test_requant_sweep_without_training(single_run, tmp_path):
             "SAVE_TOKEN_LOSSES": ""}
     p = run([sys.executable, os.path.join(ROOT, "train_gpt.py")], env2, tmp_path)
     assert "training skipped" in p.stdout and "clip:adaptive offset" in p.stdout
+    assert "GPTQ:reusing" in p.stdout and (d / "art" / "hessians.pt").exists()
     assert "train_loss" not in p.stdout
     rec = json.load(open(tmp_path / "run_record.json"))
     assert rec["stages"]["prequant"]["val_bpb"] == pytest.approx(
