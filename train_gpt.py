@@ -323,7 +323,7 @@ PRESETS: dict[str, dict] = {
 
 # Env vars that belong to torchrun, the shell or tools, never reported as near misses of a field.
 _FOREIGN_ENV = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE", "PRESET", "PATH", "HOME", "SEED_"}
+                "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE", "PRESET", "PATH", "HOME"}
 
 
 def _parse_env_value(var: str, raw: str, typ) -> object:
@@ -431,7 +431,7 @@ def init_runtime(hp: Hyperparameters, echo: bool = True) -> Runtime:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 **({"device_id": device} if device.type == "cuda" else {}))
     if not hp.run_id:
-        hp.run_id = _agree_run_id(distributed, device)
+        hp.run_id = _agree_run_id(distributed)
     run_dir = hp.artifact_dir or os.path.join("runs", hp.run_id)
     logger = RunLogger([os.path.join("logs", f"{hp.run_id}.txt"), os.path.join(run_dir, "log.txt")],
                        enabled=rank == 0, echo=echo)
@@ -439,7 +439,7 @@ def init_runtime(hp: Hyperparameters, echo: bool = True) -> Runtime:
     return Runtime(rank, world, local_rank, device, distributed, 8 // world, run_dir, logger)
 
 
-def _agree_run_id(distributed: bool, device: torch.device) -> str:
+def _agree_run_id(distributed: bool) -> str:
     rid = time.strftime("%Y%m%d_%H%M%S_") + uuid.uuid4().hex[:6]
     if distributed:
         box = [rid]
@@ -1360,6 +1360,9 @@ class Muon:
         self.state = [None if s is None else s.clone() for s in st]
 
 
+HEAD_LR = 0.008  # untied output head Adam lr (the challenge baseline's HEAD_LR)
+
+
 class Optimizers:
     """Muon on the block matrices, AdamW on the embedding / head and on the control tensors. One step:
     average grads across ranks, clip the global norm of the averaged gradient, update, zero."""
@@ -1432,9 +1435,6 @@ class Optimizers:
         import copy
         self.adam.load_state_dict(copy.deepcopy(st["adam"]))
         self.muon.load_state_dict(st["muon"])
-
-
-HEAD_LR = 0.008  # untied output head Adam lr (the challenge baseline's HEAD_LR)
 
 
 class ModelEMA:
