@@ -5,6 +5,8 @@ import sys
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -49,3 +51,23 @@ def randomize(model: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> torc
 def cpu_runtime(tmp_path, world=1, rank=0):
     return T.Runtime(rank, world, 0, torch.device("cpu"), False, 8 // world, str(tmp_path),
                      T.RunLogger([], enabled=False))
+
+
+def _rank_entry(rank, world, worker, pg_file, out):
+    dist.init_process_group("gloo", init_method=f"file://{pg_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    result = worker(rank, world)
+    if rank == 0:
+        torch.save(result, out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def run_on_ranks(worker, tmp_path, worlds=(1, 2)) -> dict:
+    """Run worker(rank, world) -> result on each world size of gloo ranks; {world: rank 0's result}."""
+    outs = {}
+    for world in worlds:
+        out = str(tmp_path / f"result_w{world}.pt")
+        mp.spawn(_rank_entry, args=(world, worker, str(tmp_path / f"pg_w{world}"), out), nprocs=world, join=True)
+        outs[world] = torch.load(out)
+    return outs

@@ -6,7 +6,6 @@ import http.server
 import json
 import os
 import random
-import shutil
 import subprocess
 import sys
 import threading

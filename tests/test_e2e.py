@@ -98,8 +98,8 @@ def test_requant_sweep_without_training(single_run, tmp_path):
 
 def test_two_gloo_ranks_match_one_process(sample, tmp_path):
     env = {**RUN_ENV, **sample, "ITERATIONS": "5", "TTT_ENABLED": "0", "EVAL_STRIDE": "0", "WARMUP_STEPS": "0"}
-    one = run([sys.executable, os.path.join(ROOT, "train_gpt.py")],
-              {**env, "RUN_ID": "w1", "ARTIFACT_DIR": str(tmp_path / "w1")}, tmp_path)
+    run([sys.executable, os.path.join(ROOT, "train_gpt.py")],
+        {**env, "RUN_ID": "w1", "ARTIFACT_DIR": str(tmp_path / "w1")}, tmp_path)
     two = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                os.path.join(ROOT, "train_gpt.py")], {**env, "RUN_ID": "w2", "ARTIFACT_DIR": str(tmp_path / "w2")},
               tmp_path)

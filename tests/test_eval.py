@@ -2,10 +2,8 @@ import math
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from conftest import T, cpu_runtime, randomize, tiny_hp
+from conftest import T, cpu_runtime, randomize, run_on_ranks, tiny_hp
 
 
 def synthetic_val(n_docs=12, seed=0, min_len=40, max_len=300):
@@ -129,9 +127,7 @@ def test_plan_ttt_adaptation_fits_budget():
     assert T.plan_ttt_adaptation(10, 0, 10**6, 1e4, [10], 1e3, 3) == (0, 1)  # scoring is never dropped
 
 
-def _eval_worker(rank, world, path, out):
-    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
-    torch.set_num_threads(1)
+def _eval_worker(rank, world):
     hp, m = model_and_hp()
     rt = T.Runtime(rank, world, 0, torch.device("cpu"), True, 8 // world, "/tmp", T.RunLogger([], False))
     val = make_val(synthetic_val())
@@ -139,18 +135,11 @@ def _eval_worker(rank, world, path, out):
     for mode in ("plain", "sliding", "phased"):
         r = run_eval(mode, m, val, hp, rt)
         res[mode] = (r.loss_sum, r.tokens, r.bytes, r.token_losses)
-    if rank == 0:
-        torch.save(res, out)
-    dist.barrier()
-    dist.destroy_process_group()
+    return res
 
 
 def test_two_ranks_match_one(tmp_path):
-    outs = {}
-    for world in (1, 2):
-        out = str(tmp_path / f"e{world}.pt")
-        mp.spawn(_eval_worker, args=(world, str(tmp_path / f"pg{world}"), out), nprocs=world, join=True)
-        outs[world] = torch.load(out)
+    outs = run_on_ranks(_eval_worker, tmp_path)
     for mode in outs[1]:
         a, b = outs[1][mode], outs[2][mode]
         assert a[1] == b[1] and a[2] == b[2]

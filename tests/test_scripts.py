@@ -92,7 +92,7 @@ def make_run(root: Path, run_id: str, seed: int, code: bytes = FAKE_CODE, final_
                         "val_bpb": stages[final_stage]["val_bpb"]}
     (d / "run_record.json").write_text(json.dumps(rec, indent=1))
     lines = ["Hyperparameters:", "  matrix_lr: 0.026", f"code_sha256:{sha}", "print(f'{stage} val_loss:{x}')"]
-    lines += [f"1/20000 train_loss: 9.0000 train_time: 0.0m tok/s: 1000"]
+    lines += ["1/20000 train_loss: 9.0000 train_time: 0.0m tok/s: 1000"]
     if log_final:
         for st, v in stages.items():
             lines.append(f"{st} val_loss:{v['val_loss']:.8f} val_bpb:{v['val_bpb']:.8f} eval_time:12345ms")
