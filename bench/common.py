@@ -84,6 +84,21 @@ def set_threads(n: int) -> None:
     torch.set_num_threads(max(1, n))
 
 
+def add_common_args(ap) -> None:
+    """Options every comparison bench takes."""
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--smoke", action="store_true", help="tiny model, seconds of training: checks the bench runs")
+    ap.add_argument("--json", default="")
+    ap.add_argument("--verbose", action="store_true")
+
+
+def parse_common(ap, argv):
+    """Parse, set the thread count and return (args, training seconds: capped at 3 s for --smoke)."""
+    args = ap.parse_args(argv)
+    set_threads(args.threads)
+    return args, (min(args.seconds, 3.0) if args.smoke else args.seconds)
+
+
 def load_data(hp: T.Hyperparameters):
     data_path, tok_path = hp.resolved_paths()
     sp = T.load_tokenizer(tok_path, hp.vocab_size)

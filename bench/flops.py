@@ -25,7 +25,6 @@ Keys per query `k` by convention (`attention=`):
 """
 from __future__ import annotations
 
-import math
 import os
 import sys
 

@@ -45,13 +45,8 @@ def main(argv=None) -> int:
     ap.add_argument("--bits", default="6,4", help="MATRIX_BITS values to compare (comma list)")
     ap.add_argument("--compressors", default="zstd,lzma,raw")
     ap.add_argument("--quant-min-numel", type=int, default=4096)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--json", default="")
-    ap.add_argument("--verbose", action="store_true")
-    args = ap.parse_args(argv)
-    C.set_threads(args.threads)
-    seconds = min(args.seconds, 3.0) if args.smoke else args.seconds
+    C.add_common_args(ap)
+    args, seconds = C.parse_common(ap, argv)
     hp = C.make_hp("cpu_smoke", C.CPU_SHAPE, C.SMOKE_SHAPE if args.smoke else {},
                    dict(QUANT_MIN_NUMEL=args.quant_min_numel, MAX_WALLCLOCK_SECONDS=seconds, ITERATIONS=0))
     rt = C.cpu_runtime(tempfile.mkdtemp(prefix="quant_bench_"), not args.verbose)

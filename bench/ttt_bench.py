@@ -32,13 +32,8 @@ def main(argv=None) -> int:
     ap.add_argument("--artifact", default="", help="a final_model.ptz (skips training and quantization)")
     ap.add_argument("--seconds", type=float, default=120.0)
     ap.add_argument("--val-tokens", type=int, default=32768)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--json", default="")
-    ap.add_argument("--verbose", action="store_true")
-    args = ap.parse_args(argv)
-    C.set_threads(args.threads)
-    seconds = min(args.seconds, 3.0) if args.smoke else args.seconds
+    C.add_common_args(ap)
+    args, seconds = C.parse_common(ap, argv)
     over = dict(MAX_WALLCLOCK_SECONDS=seconds, ITERATIONS=0)
     if args.smoke:  # per-document TTT is sequential over chunks: keep the smoke slice short
         over.update(VAL_MAX_TOKENS=1024, TTT_CHUNK_SIZE=64, PHASED_TTT_NUM_PHASES=1)

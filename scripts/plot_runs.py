@@ -52,10 +52,7 @@ def plot_loss(plt, recs, out: Path, xkey: str, xlabel: str, fname: str, scale: f
     ax.set_ylabel("loss (nats / token)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / fname, dpi=110)
-    plt.close(fig)
-    return out / fname
+    return _save(plt, fig, out / fname)
 
 
 def plot_val_bpb(plt, recs, out: Path):
@@ -73,10 +70,14 @@ def plot_val_bpb(plt, recs, out: Path):
     ax.set_ylabel("val_bpb")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    return _save(plt, fig, out / "val_bpb_vs_step.png")
+
+
+def _save(plt, fig, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(out / "val_bpb_vs_step.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    return out / "val_bpb_vs_step.png"
+    return path
 
 
 def plot_stages(plt, recs, out: Path):
@@ -109,10 +110,7 @@ def plot_stages(plt, recs, out: Path):
     ax.set_ylabel("val_bpb (lower is better)")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "stages_bpb.png", dpi=110)
-    plt.close(fig)
-    return out / "stages_bpb.png"
+    return _save(plt, fig, out / "stages_bpb.png")
 
 
 def plot_clip(plt, rec, out: Path):
@@ -135,12 +133,8 @@ def plot_clip(plt, rec, out: Path):
     if bit_values:
         ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", _label(rec))
-    path = out / f"clip_sigma_{safe}.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out / f"clip_sigma_{safe}.png")
 
 
 def main(argv=None) -> int:

@@ -14,6 +14,9 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 import train_gpt as T  # noqa: E402
 
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import gpu_check  # noqa: E402  (scripts/gpu_check.py owns the shared test helpers it also needs)
+
 
 @pytest.fixture(scope="session")
 def sample(tmp_path_factory):
@@ -41,11 +44,7 @@ def tiny_hp(**over) -> "T.Hyperparameters":
 
 def randomize(model: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> torch.nn.Module:
     """Give every parameter (zero-initialised gates and projections included) a random value."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * scale)
-    return model
+    return gpu_check.randomize(model, seed, scale)
 
 
 def cpu_runtime(tmp_path, world=1, rank=0):
