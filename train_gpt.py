@@ -8,6 +8,7 @@ Importing this file has no side effects; tests import its functions.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import glob
 import hashlib
 import io
@@ -23,6 +24,7 @@ import time
 import uuid
 import zlib
 from dataclasses import dataclass, field, fields
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -95,8 +97,8 @@ class Hyperparameters:
     sparse_attn_gate_scale: float = 0.5
     tied_embed_init_std: float = 0.005
     attn_backend: str = "auto"          # auto | sdpa | flex | flash3
-    fused_ce_enabled: bool = True       # Triton softcapped CE in training (CUDA only)
-    fused_mlp_enabled: bool = True      # Triton LeakyReLU^2 up-projection in training (CUDA only)
+    fused_ce_enabled: bool = True       # Triton softcapped CE wherever gradients flow (CUDA only)
+    fused_mlp_enabled: bool = False     # Triton LeakyReLU^2 up-projection (CUDA): off until it beats compiled eager
     compile: str = "auto"               # auto (CUDA only) | 1 | 0
     autocast_bf16: str = "auto"         # auto (CUDA only; CPU measured slower, docs/performance.md) | 1 | 0
     # optimizer
@@ -310,7 +312,7 @@ PRESETS: dict[str, dict] = {
         data_path="./data/datasets/offline_sample_sp1024",
         tokenizer_path="./data/tokenizers/offline_sample_1024_bpe.model",
         vocab_size=1024, caseops_enabled=False, num_layers=6, model_dim=128, num_heads=4, num_kv_heads=2,
-        train_seq_len=256, eval_seq_len=256, train_batch_tokens=8192, val_batch_tokens=16_384,
+        train_seq_len=256, eval_seq_len=256, train_batch_tokens=8192, val_batch_tokens=131_072,
         iterations=1000, max_wallclock_seconds=120.0, gptq_reserve_seconds=2.0, warmup_steps=2,
         xsa_last_n=6, loop_start=2, loop_end=3, num_loops=1, parallel_start_layer=4, rope_dims=16,
         train_log_every=25, val_max_tokens=32_768, gptq_calibration_batches=4, calibration_batch_tokens=8192,
@@ -415,6 +417,10 @@ class RunLogger:
         self.files = []
 
 
+# Ranks wait in a collective while others compile cold (minutes on 8 GPUs); NCCL's default 10 min is too close.
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
+
+
 def init_runtime(hp: Hyperparameters, echo: bool = True) -> Runtime:
     distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank = int(os.environ.get("RANK", 0))
@@ -428,7 +434,7 @@ def init_runtime(hp: Hyperparameters, echo: bool = True) -> Runtime:
     else:
         device = torch.device("cpu")
     if distributed and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT,
                                 **({"device_id": device} if device.type == "cuda" else {}))
     if not hp.run_id:
         hp.run_id = _agree_run_id(distributed)
@@ -459,12 +465,6 @@ def all_reduce_(t: torch.Tensor, op=None) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
     return t
-
-
-def agree_any(flag: bool, device: torch.device) -> bool:
-    """True on every rank if it is true on any rank (the wall-clock stop is one decision)."""
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    return bool(all_reduce_(t, dist.ReduceOp.MAX if dist.is_initialized() else None).item() > 0)
 
 
 # =============================================================================================
@@ -709,45 +709,65 @@ def segment_ids(ids: torch.Tensor, bos_id: int) -> torch.Tensor:
     return torch.cumsum((ids == bos_id).to(torch.int32), dim=-1)
 
 
-def cu_seqlens_from_segments(seg: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Flattened varlen boundaries (FlashAttention): a segment starts at each row start and each BOS."""
+# FlashAttention's varlen boundaries live in a tensor of fixed length so that torch.compile sees one shape
+# whatever the document count: room for every row start plus one document per this many tokens (FineWeb
+# averages ~960 tokens per document, spec §7.4); a batch beyond it stops with a device-side assert.
+FA3_MIN_MEAN_DOC_TOKENS = 16
+
+
+def cu_seqlens_capacity(B: int, T: int) -> int:
+    return B + -(-B * T // FA3_MIN_MEAN_DOC_TOKENS)
+
+
+def cu_seqlens_from_segments(seg: torch.Tensor) -> torch.Tensor:
+    """Flattened varlen boundaries (FlashAttention): a segment starts at each row start and each BOS, so no
+    segment is longer than the row (max_seqlen = T). Static length cu_seqlens_capacity(B, T) + 1: the unused
+    tail repeats B*T (empty segments). Traceable: no host sync, no data-dependent shape."""
     B, T = seg.shape
-    starts = torch.ones_like(seg, dtype=torch.bool)
-    starts[:, 1:] = seg[:, 1:] != seg[:, :-1]
-    pos = torch.nonzero(starts.reshape(-1)).flatten().to(torch.int32)
-    cu = torch.cat([pos, pos.new_tensor([B * T])])
-    return cu, int((cu[1:] - cu[:-1]).max())
+    starts = torch.cat([torch.ones_like(seg[:, :1], dtype=torch.bool), seg[:, 1:] != seg[:, :-1]], 1).reshape(-1)
+    cap = cu_seqlens_capacity(B, T)
+    torch._assert_async(starts.sum() <= cap, "more documents in one batch than cu_seqlens_capacity() holds")
+    pos = torch.nonzero_static(starts, size=cap, fill_value=B * T).flatten().to(torch.int32)
+    return torch.cat([pos, pos.new_full((1,), B * T)])
 
 
 # =============================================================================================
-# Kernels: attention backends (document-masked), softcapped cross-entropy. Each accelerated path has an
-# eager reference of the same signature; CPU runs the reference.
+# Kernels: attention backends (document-masked), softcapped cross-entropy, fused MLP up-projection. Each
+# accelerated path has an eager reference of the same signature; CPU runs the reference.
 # =============================================================================================
 
-def choose_attention_backend(requested: str, device: torch.device) -> str:
-    """FlashAttention 3 (varlen) when importable on CUDA, else SDPA with a block-diagonal causal mask."""
-    if requested in ("auto", "flash3") and device.type == "cuda":
+# Masked SDPA with GQA on CUDA runs PyTorch's math kernel (flash rejects masks, mem-efficient rejects GQA): fp32
+# probabilities, O(T^2) saved activations (~110 GiB at the record's 48 x 2048 micro-batch). Refused above this.
+SDPA_CUDA_MAX_SEQ_LEN = 512
+
+
+class DocStructure(NamedTuple):
+    """Document structure of one forward's rows, prepared once and shared by every layer."""
+    seg: torch.Tensor       # [B, T] document id of every position (one id per row when rows_are_docs)
+    prepared: object        # sdpa: bool mask [B,1,T,T]; flash3: cu_seqlens int32; flex: BlockMask; else None
+
+
+def choose_attention_backend(hp: Hyperparameters, device: torch.device) -> str:
+    """ATTN_BACKEND=auto: FlashAttention 3 when importable on CUDA, else compiled FlexAttention; SDPA on CPU."""
+    requested = hp.attn_backend
+    if requested in ("auto", "flash3") and (device.type == "cuda" or requested == "flash3"):
         try:
             import flash_attn_interface  # noqa: F401
             return "flash3"
         except ImportError:
             if requested == "flash3":
-                raise ConfigError("ATTN_BACKEND=flash3 but flash_attn_interface is not importable; "
-                                  "install the FA3 wheel or use ATTN_BACKEND=sdpa") from None
-    if requested == "flex":
-        if device.type != "cuda":
-            raise ConfigError("ATTN_BACKEND=flex needs CUDA (FlexAttention has no CPU backward); use sdpa")
-        return "flex"
-    return "sdpa"
-
-
-def attention_sdpa(q, k, v, seg, doc=None):
-    """q [B,T,H,D], k/v [B,T,Hkv,D], seg [B,T] document ids -> [B,T,H,D]; causal within a document.
-    `doc` is the prepared mask (prepare_attention), shared by every layer of one forward."""
-    mask = document_causal_mask(seg) if doc is None else doc
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                       attn_mask=mask, enable_gqa=q.size(2) != k.size(2))
-    return y.transpose(1, 2)
+                raise ConfigError("ATTN_BACKEND=flash3 but flash_attn_interface is not importable; install the FA3 "
+                                  "wheel (docs/runpod_guide.md) or use ATTN_BACKEND=auto (FlexAttention)") from None
+    if device.type != "cuda":
+        if requested == "flex":
+            raise ConfigError("ATTN_BACKEND=flex needs CUDA (FlexAttention has no CPU backward); use sdpa or auto")
+        return "sdpa"
+    longest = max(hp.train_seq_len, hp.eval_seq_len, hp.ttt_eval_seq_len)
+    if requested == "sdpa" and longest > SDPA_CUDA_MAX_SEQ_LEN:
+        raise ConfigError(f"ATTN_BACKEND=sdpa on CUDA with sequences of {longest} tokens (TRAIN_SEQ_LEN / "
+                          f"EVAL_SEQ_LEN / TTT_EVAL_SEQ_LEN): masked SDPA with GQA runs the math kernel, O(T^2) "
+                          f"memory; allowed up to {SDPA_CUDA_MAX_SEQ_LEN}. Use ATTN_BACKEND=auto (flex or flash3)")
+    return "sdpa" if requested == "sdpa" else "flex"
 
 
 def document_causal_mask(seg: torch.Tensor) -> torch.Tensor:
@@ -756,43 +776,69 @@ def document_causal_mask(seg: torch.Tensor) -> torch.Tensor:
     return ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]
 
 
-def attention_flash3(q, k, v, seg, doc=None):
+def flex_block_mask(seg: torch.Tensor, rows_are_docs: bool):
+    from torch.nn.attention.flex_attention import create_block_mask
+    B, T = seg.shape
+
+    def causal(b, h, qi, ki):
+        return qi >= ki
+
+    def doc_causal(b, h, qi, ki):
+        return (qi >= ki) & (seg[b, qi] == seg[b, ki])
+    # outside a compiled graph, build the mask with a compiled kernel rather than a dense [B, T, T] tensor
+    return create_block_mask(causal if rows_are_docs else doc_causal, B, None, T, T, device=seg.device,
+                             _compile=not torch.compiler.is_compiling())
+
+
+def prepare_attention(backend: str, ids: torch.Tensor, bos_id: int, rows_are_docs: bool = False) -> DocStructure:
+    """Document structure for a backend. rows_are_docs: the caller guarantees one document per row (TTT), so
+    attention is plain causal and the structure does not depend on the tokens (symbolic row widths compile)."""
+    seg = torch.zeros_like(ids, dtype=torch.int32) if rows_are_docs else segment_ids(ids, bos_id)
+    B, T = ids.shape
+    if backend == "sdpa":
+        return DocStructure(seg, document_causal_mask(seg))
+    if backend == "flash3":
+        cu = torch.arange(0, B + 1, device=ids.device, dtype=torch.int32) * T if rows_are_docs else \
+            cu_seqlens_from_segments(seg)
+        return DocStructure(seg, cu)
+    if backend == "flex":
+        return DocStructure(seg, flex_block_mask(seg, rows_are_docs))
+    return DocStructure(seg, None)
+
+
+def attention_sdpa(q, k, v, doc: DocStructure):
+    """q [B,T,H,D], k/v [B,T,Hkv,D] -> [B,T,H,D]; causal within a document (boolean block mask)."""
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       attn_mask=doc.prepared, enable_gqa=q.size(2) != k.size(2))
+    return y.transpose(1, 2)
+
+
+def attention_flash3(q, k, v, doc: DocStructure):
     from flash_attn_interface import flash_attn_varlen_func
     B, T, H, D = q.shape
-    cu, longest = cu_seqlens_from_segments(seg) if doc is None else doc
+    cu = doc.prepared
     out = flash_attn_varlen_func(q.reshape(B * T, H, D), k.reshape(B * T, -1, D), v.reshape(B * T, -1, D),
-                                 cu, cu, longest, longest, causal=True)
+                                 cu, cu, T, T, causal=True)
     out = out[0] if isinstance(out, tuple) else out
     return out.reshape(B, T, H, D)
 
 
-def flex_block_mask(seg: torch.Tensor):
-    from torch.nn.attention.flex_attention import create_block_mask
-    B, T = seg.shape
-
-    def doc_causal(b, h, qi, ki):
-        return (qi >= ki) & (seg[b, qi] == seg[b, ki])
-    return create_block_mask(doc_causal, B, None, T, T, device=seg.device)
-
-
-def attention_flex(q, k, v, seg, doc=None):
+def attention_flex(q, k, v, doc: DocStructure):
+    """Inside a compiled graph flex_attention is traced into a fused kernel; called eagerly (e.g. by Hessian
+    collection) it goes through its own compiled wrapper: eager flex would materialise every score matrix."""
     from torch.nn.attention.flex_attention import flex_attention
-    bm = flex_block_mask(seg) if doc is None else doc
-    y = flex_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=bm, enable_gqa=True)
+    if torch.compiler.is_compiling():
+        attend = flex_attention
+    else:
+        attend = getattr(attention_flex, "compiled", None) or torch.compile(flex_attention, dynamic=False)
+        attention_flex.compiled = attend
+    y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=doc.prepared, enable_gqa=True)
     return y.transpose(1, 2)
 
 
-def prepare_attention(backend: str, seg: torch.Tensor):
-    """Per-forward document structure for a backend (computed once, used by every layer)."""
-    return {"sdpa": document_causal_mask, "flash3": cu_seqlens_from_segments, "flex": flex_block_mask}.get(
-        backend, lambda _s: None)(seg)
-
-
-ATTENTION_BACKENDS = {"sdpa": attention_sdpa, "flash3": attention_flash3, "flex": attention_flex}
-
-
-def attention_reference(q, k, v, seg, doc=None):
+def attention_reference(q, k, v, doc: DocStructure):
     """Plain per-document loop: what every backend must equal."""
+    seg = doc.seg
     out = torch.zeros_like(q)
     rep = q.size(2) // k.size(2)
     for b in range(q.size(0)):
@@ -807,6 +853,10 @@ def attention_reference(q, k, v, seg, doc=None):
     return out
 
 
+ATTENTION_BACKENDS = {"sdpa": attention_sdpa, "flash3": attention_flash3, "flex": attention_flex,
+                      "reference": attention_reference}
+
+
 def softcap_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, cap: float,
                           reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy of the full softmax over cap*tanh(z/cap), in fp32 (spec §3.12)."""
@@ -818,8 +868,8 @@ def softcap_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, cap: floa
 
 def leaky_relu_sq_up(x: torch.Tensor, w: torch.Tensor, slope: float) -> torch.Tensor:
     """MLP up-projection + activation: act(x W^T)^2 with act = LeakyReLU(slope) (ReLU when slope = 0)."""
-    h = F.linear(x, w)
-    return (F.leaky_relu(h, slope) if slope > 0 else F.relu(h)).square()
+    a = F.leaky_relu(F.linear(x, w), slope) if slope > 0 else F.relu(F.linear(x, w))
+    return a * a  # not .square(): CUDA autocast runs pow in fp32 (a saved fp32 [tokens, hidden] copy)
 
 
 try:  # Triton is optional: CUDA acceleration of the two references above (checked under TRITON_INTERPRET=1)
@@ -834,6 +884,7 @@ if HAS_TRITON:
     def _softcap_ce_fwd_kernel(z_ptr, z_stride, t_ptr, loss_ptr, lse_ptr, V, cap,
                                HAS_CAP: tl.constexpr, BLOCK: tl.constexpr):
         # c*tanh(z/c) = 2c*sigmoid(2z/c) - c; the constant -c cancels inside the softmax, so it is dropped.
+        cap = tl.cast(cap, tl.float32)  # torch.compile passes Python floats as fp64: keep the math in fp32
         row = tl.program_id(0).to(tl.int64)
         base = z_ptr + row * z_stride
         m = tl.zeros([], dtype=tl.float32) - float("inf")
@@ -856,6 +907,7 @@ if HAS_TRITON:
     @triton.jit
     def _softcap_ce_bwd_kernel(z_ptr, z_stride, t_ptr, lse_ptr, g_ptr, dz_ptr, dz_stride, V, cap,
                                HAS_CAP: tl.constexpr, BLOCK: tl.constexpr):
+        cap = tl.cast(cap, tl.float32)
         row = tl.program_id(0).to(tl.int64)
         lse = tl.load(lse_ptr + row)
         g = tl.load(g_ptr + row)
@@ -875,6 +927,7 @@ if HAS_TRITON:
     def _leaky_sq_up_kernel(x_ptr, w_ptr, pre_ptr, act_ptr, M, N, K, sxm, sxk, swn, swk, som, son, slope,
                             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr):
         # one [BM, BN] tile of h = x W^T; the epilogue writes both h (for backward) and LeakyReLU(h)^2
+        slope = tl.cast(slope, tl.float32)
         rm = tl.program_id(0) * BM + tl.arange(0, BM)
         rn = tl.program_id(1) * BN + tl.arange(0, BN)
         rk = tl.arange(0, BK)
@@ -956,9 +1009,10 @@ def leaky_relu_sq_up_fused(x: torch.Tensor, w: torch.Tensor, slope: float) -> to
     return out.view(*shape[:-1], w.size(0))
 
 
-def use_fused_kernels(x: torch.Tensor, enabled: bool, training: bool) -> bool:
-    """Fused kernels run in training on CUDA only; eval, TTT and calibration use the eager references."""
-    return enabled and training and HAS_TRITON and x.is_cuda
+def use_fused_kernels(x: torch.Tensor, enabled: bool) -> bool:
+    """Fused kernels run on CUDA where gradients flow (training, TTT, global SGD): they save only their inputs
+    and recompute in backward. No-grad eval runs the references, which inductor fuses."""
+    return enabled and HAS_TRITON and x.is_cuda and torch.is_grad_enabled()
 
 
 # =============================================================================================
@@ -972,16 +1026,17 @@ CONTROL_TENSOR_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "sk
 
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
-    return F.rms_norm(x, (x.size(-1),))
+    # CUDA autocast runs rms_norm in fp32 from torch 2.12: keep the input dtype (FA3 needs q, k, v alike)
+    return F.rms_norm(x, (x.size(-1),)).to(x.dtype)
 
 
-def rotary_tables(T: int, rope_dims: int, base: float, train_seq_len: int, yarn: bool, device, dtype):
-    """cos/sin [T, rope_dims/2]; YaRN-style base stretch only when T exceeds the training length."""
+def rotary_tables(T: int, rope_dims: int, base: float, train_seq_len: int, yarn: bool, device=None):
+    """fp32 cos/sin [T, rope_dims/2]; YaRN-style base stretch only when T exceeds the training length."""
     if yarn and T > train_seq_len and rope_dims > 2:
         base = base * (T / train_seq_len) ** (rope_dims / (rope_dims - 2))
     inv_freq = base ** (-torch.arange(0, rope_dims, 2, dtype=torch.float32, device=device) / rope_dims)
     ang = torch.arange(T, dtype=torch.float32, device=device)[:, None] * inv_freq[None]
-    return ang.cos().to(dtype), ang.sin().to(dtype)
+    return ang.cos(), ang.sin()
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -992,13 +1047,21 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat([a * c + b * s, b * c - a * s, rest], dim=-1)
 
 
+class LoRAWeights(NamedTuple):
+    """Adapters of a slice of documents as the forward takes them: per target, A [b, r, in] and B [b, out, r];
+    delta(x) = (x A^T) B^T * scale. Plain tensors, so one compiled graph serves every slice."""
+    A: dict
+    B: dict
+    scale: float
+
+
 class BatchedLoRA(nn.Module):
     """Per-document low-rank adapters for TTT: one (A, B) pair per (layer slot, target), batched over docs.
-    delta(x) = (x A^T) B^T * alpha/r; B starts at zero so a fresh adapter is the identity."""
+    B starts at zero so a fresh adapter is the identity."""
 
     def __init__(self, bsz: int, rank: int, alpha: float, shapes: dict[str, tuple[int, int]], device):
         super().__init__()
-        self.rank, self.scale = rank, alpha / rank
+        self.bsz, self.rank, self.scale = bsz, rank, alpha / rank
         self.names = sorted(shapes)
         self.A = nn.ParameterDict()
         self.B = nn.ParameterDict()
@@ -1016,16 +1079,17 @@ class BatchedLoRA(nn.Module):
                 bound = 1.0 / math.sqrt(self.A[name].size(-1))
                 self.A[name].uniform_(-bound, bound)
 
-    def delta(self, name: str, x: torch.Tensor):
-        if name not in self.A:
-            return None
-        A, B = self.A[name][: x.size(0)], self.B[name][: x.size(0)]
-        return torch.bmm(torch.bmm(x, A.transpose(1, 2).to(x.dtype)), B.transpose(1, 2).to(x.dtype)) * self.scale
+    def weights(self, lo: int, hi: int) -> LoRAWeights:
+        """The adapters of documents lo..hi-1 (views: gradients reach the parameters)."""
+        return LoRAWeights({n: self.A[n][lo:hi] for n in self.names}, {n: self.B[n][lo:hi] for n in self.names},
+                           self.scale)
 
 
-def _add_delta(y, lora, name, x):
-    d = None if lora is None else lora.delta(name, x)
-    return y if d is None else y + d
+def _add_delta(y, lora: LoRAWeights | None, name: str, x):
+    if lora is None or name not in lora.A:
+        return y
+    A, B = lora.A[name].to(x.dtype), lora.B[name].to(x.dtype)
+    return y + torch.bmm(torch.bmm(x, A.transpose(1, 2)), B.transpose(1, 2)) * lora.scale
 
 
 class CausalSelfAttention(nn.Module):
@@ -1041,7 +1105,7 @@ class CausalSelfAttention(nn.Module):
         self.gate_window, self.gate_scale = hp.gate_window, hp.sparse_attn_gate_scale
         self.attn_gate_w = nn.Parameter(torch.zeros(H, hp.gate_window)) if hp.sparse_attn_gate_enabled else None
 
-    def forward(self, u, seg, rope, xsa: bool, backend: str, lora=None, slot: int = 0):
+    def forward(self, u, doc: DocStructure, rope, xsa: bool, backend: str, lora=None, slot: int = 0):
         B, T, _ = u.shape
         q = _add_delta(self.c_q(u), lora, f"{slot}_q", u).view(B, T, self.H, self.D)
         k = _add_delta(self.c_k(u), lora, f"{slot}_k", u).view(B, T, self.Hkv, self.D)
@@ -1050,7 +1114,7 @@ class CausalSelfAttention(nn.Module):
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         q = q * self.q_gain.to(q.dtype)[None, None, :, None]
-        y = ATTENTION_BACKENDS[backend](q, k, v, *seg)  # seg = (document ids, prepared structure)
+        y = ATTENTION_BACKENDS[backend](q, k, v, doc)
         if xsa:  # remove each head's component along its own token's value direction (XSA)
             g = self.H // self.Hkv
             yv = y.view(B, T, self.Hkv, g, self.D)
@@ -1071,7 +1135,7 @@ class MLP(nn.Module):
         self.slope, self.fused = hp.mlp_negative_slope, hp.fused_mlp_enabled
 
     def forward(self, u, lora=None, slot: int = 0):
-        up = leaky_relu_sq_up_fused if use_fused_kernels(u, self.fused, self.training) else leaky_relu_sq_up
+        up = leaky_relu_sq_up_fused if use_fused_kernels(u, self.fused) else leaky_relu_sq_up
         return _add_delta(self.proj(up(u, self.fc.weight.to(u.dtype), self.slope)), lora, f"{slot}_mlp", u)
 
 
@@ -1086,18 +1150,18 @@ class Block(nn.Module):
         self.in_scale = 1.0 / math.sqrt(layer + 1) if hp.ln_scale else 1.0
         self.xsa = layer >= hp.num_layers - hp.xsa_last_n
 
-    def forward(self, x, x0, seg, rope, backend, lora=None, slot=0):
+    def forward(self, x, x0, doc, rope, backend, lora=None, slot=0):
         mix = self.resid_mix.to(x.dtype)
         h = mix[0] * x + mix[1] * x0
-        h = h + self.attn_scale.to(x.dtype) * self.attn(rms_norm(h) * self.in_scale, seg, rope, self.xsa,
+        h = h + self.attn_scale.to(x.dtype) * self.attn(rms_norm(h) * self.in_scale, doc, rope, self.xsa,
                                                          backend, lora, slot)
         return h + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(h) * self.in_scale, lora, slot)
 
-    def forward_parallel(self, lanes, x0, seg, rope, backend, post, resid, lora=None, slot=0):
+    def forward_parallel(self, lanes, x0, doc, rope, backend, post, resid, lora=None, slot=0):
         lane0, lane1 = lanes
         mix = self.resid_mix.to(x0.dtype)
         a = self.attn_scale.to(x0.dtype) * self.attn(rms_norm(mix[0] * lane0 + mix[1] * x0) * self.in_scale,
-                                                     seg, rope, self.xsa, backend, lora, slot)
+                                                     doc, rope, self.xsa, backend, lora, slot)
         m = self.mlp_scale.to(x0.dtype) * self.mlp(rms_norm(lane1) * self.in_scale, lora, slot)
         post, resid = post.to(x0.dtype), resid.to(x0.dtype)
         return (resid[0] * lane0 + post[0, 0] * a + post[1, 0] * m,
@@ -1134,7 +1198,11 @@ class GPT(nn.Module):
         self.lm_head = None if hp.tie_embeddings else nn.Linear(d, hp.vocab_size, bias=False)
         self.head_input = nn.Identity()  # hook point: Hessian of the (tied) output head
         self.looping = False
-        self._rope_cache: dict = {}
+        # rotary tables for every row length the run uses (non-persistent: never in the artifact)
+        cos, sin = rotary_tables(max(hp.train_seq_len, hp.eval_seq_len, hp.ttt_eval_seq_len), self.rope_dims,
+                                 hp.rope_base, hp.train_seq_len, False)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -1154,14 +1222,20 @@ class GPT(nn.Module):
         return layer_schedule(self.hp.num_layers, self.looping, self.hp.num_loops, self.hp.loop_start,
                               self.hp.loop_end)
 
-    def rope(self, T: int, device, dtype):
-        hd = self.hp.model_dim // self.hp.num_heads
-        dims = self.hp.rope_dims or hd
-        key = (T, device, dtype)
-        if key not in self._rope_cache:
-            self._rope_cache = {key: rotary_tables(T, dims, self.hp.rope_base, self.hp.train_seq_len,
-                                                   self.hp.rope_yarn, device, dtype)}
-        return self._rope_cache[key]
+    @property
+    def rope_dims(self) -> int:
+        return self.hp.rope_dims or self.hp.model_dim // self.hp.num_heads
+
+    def rope(self, T: int, dtype):
+        """cos/sin for positions 0..T-1: a slice of the precomputed tables, or (YaRN beyond the training
+        length, or a longer row than planned) computed in the graph from static T."""
+        hp = self.hp
+        if (hp.rope_yarn and T > hp.train_seq_len) or T > self.rope_cos.size(0):
+            cos, sin = rotary_tables(T, self.rope_dims, hp.rope_base, hp.train_seq_len, hp.rope_yarn,
+                                     self.rope_cos.device)
+        else:
+            cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        return cos.to(dtype), sin.to(dtype)
 
     def smear(self, x, ids):
         """SmearGate: e_t += lambda*sigmoid(w.e_t[:W]) * e_{t-1}, never across a BOS (document start)."""
@@ -1169,7 +1243,8 @@ class GPT(nn.Module):
         keep = (ids[:, 1:] != self.bos_id).to(x.dtype)[..., None]
         return torch.cat([x[:, :1], x[:, 1:] + g[:, 1:] * x[:, :-1] * keep], dim=1)
 
-    def forward_hidden(self, ids: torch.Tensor, lora=None) -> torch.Tensor:
+    def forward_hidden(self, ids: torch.Tensor, lora: LoRAWeights | None = None,
+                       rows_are_docs: bool = False) -> torch.Tensor:
         hp = self.hp
         x = self.tok_emb(ids)
         if torch.is_autocast_enabled(x.device.type):
@@ -1177,13 +1252,12 @@ class GPT(nn.Module):
         if hp.smear_gate_enabled:
             x = self.smear(x, ids)
         x = rms_norm(x)
-        seg_ids = segment_ids(ids, self.bos_id)
-        x0, seg = x, (seg_ids, prepare_attention(self.attn_backend, seg_ids))
-        rope = self.rope(ids.size(1), x.device, x.dtype)
+        x0, doc = x, prepare_attention(self.attn_backend, ids, self.bos_id, rows_are_docs)
+        rope = self.rope(ids.size(1), x.dtype)
         enc, dec = self.schedule()
         skips, slot = [], 0
         for i in enc:
-            x = self.blocks[i](x, x0, seg, rope, self.attn_backend, lora, slot)
+            x = self.blocks[i](x, x0, doc, rope, self.attn_backend, lora, slot)
             skips.append(x)
             slot += 1
         lanes = None
@@ -1203,9 +1277,9 @@ class GPT(nn.Module):
                 else:
                     lanes = (merged, lanes[1])
             if lanes is None:
-                x = self.blocks[i](x, x0, seg, rope, self.attn_backend, lora, slot)
+                x = self.blocks[i](x, x0, doc, rope, self.attn_backend, lora, slot)
             else:
-                lanes = self.blocks[i].forward_parallel(lanes, x0, seg, rope, self.attn_backend,
+                lanes = self.blocks[i].forward_parallel(lanes, x0, doc, rope, self.attn_backend,
                                                         self.parallel_post_lambdas[i],
                                                         self.parallel_resid_lambdas[i], lora, slot)
             slot += 1
@@ -1213,15 +1287,18 @@ class GPT(nn.Module):
             x = {"mean": 0.5 * (lanes[0] + lanes[1]), "attn": lanes[0], "mlp": lanes[1]}[hp.parallel_final_lane]
         return self.head_input(rms_norm(x))
 
-    def forward_logits(self, ids: torch.Tensor, lora=None) -> torch.Tensor:
+    def forward_logits(self, ids: torch.Tensor, lora: LoRAWeights | None = None,
+                       rows_are_docs: bool = False) -> torch.Tensor:
         """Raw (pre-softcap) logits."""
-        h = self.forward_hidden(ids, lora)
+        h = self.forward_hidden(ids, lora, rows_are_docs)
         w = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
         return _add_delta(F.linear(h, w.to(h.dtype)), lora, "head", h)
 
-    def forward(self, ids, targets, lora=None, reduction: str = "mean"):
-        logits = self.forward_logits(ids, lora)
-        ce = softcap_cross_entropy_fused if use_fused_kernels(logits, self.hp.fused_ce_enabled, self.training) \
+    def forward(self, ids, targets, lora: LoRAWeights | None = None, reduction: str = "mean",
+                rows_are_docs: bool = False):
+        """Loss of `targets`; reduction none gives per-position NLL [B, T]. rows_are_docs: see prepare_attention."""
+        logits = self.forward_logits(ids, lora, rows_are_docs)
+        ce = softcap_cross_entropy_fused if use_fused_kernels(logits, self.hp.fused_ce_enabled) \
             else softcap_cross_entropy
         loss = ce(logits, targets, self.hp.logit_softcap, reduction)
         return loss if reduction != "none" else loss.view(targets.shape)
@@ -1523,10 +1600,43 @@ def autocast_context(hp: Hyperparameters, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use)
 
 
-def maybe_compile(module, hp: Hyperparameters, device: torch.device):
-    if hp.compile == "1" or (hp.compile == "auto" and device.type == "cuda"):
-        return torch.compile(module, dynamic=False)
-    return module
+# Graphs per compiled function: 2 training schedules, eval, TTT score and train, global SGD, periodic val
+# (the record used 64). Past the limit dynamo would silently run eager: fail instead.
+DYNAMO_RECOMPILE_LIMIT = 64
+
+
+def compile_enabled(hp: Hyperparameters, device: torch.device) -> bool:
+    return hp.compile == "1" or (hp.compile == "auto" and device.type == "cuda")
+
+
+def maybe_compile(fn, hp: Hyperparameters, device: torch.device):
+    """torch.compile with fullgraph=True (a graph break is an error, not a silent slow path). Static shapes:
+    callers keep row counts fixed and mark TTT's variable row width dynamic (mark_row_width_dynamic)."""
+    if not compile_enabled(hp, device):
+        return fn
+    for name, value in (("recompile_limit", DYNAMO_RECOMPILE_LIMIT), ("cache_size_limit", DYNAMO_RECOMPILE_LIMIT),
+                        ("fail_on_recompile_limit_hit", True)):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, value)
+    return torch.compile(fn, dynamic=None, fullgraph=True)
+
+
+def mark_row_width_dynamic(*tensors: torch.Tensor) -> None:
+    """One compiled graph for every row width (TTT chunks grow by TTT_CHUNK_SIZE up to TTT_EVAL_SEQ_LEN)."""
+    for t in tensors:
+        torch._dynamo.mark_dynamic(t, 1)
+
+
+def sync_device(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def agree_elapsed(local_s: float, device: torch.device) -> float:
+    """The slowest rank's elapsed seconds, on every rank: the schedule, looping switch and stop decision are
+    functions of it, so replicas never drift apart however their clocks differ."""
+    t = torch.tensor([local_s], dtype=torch.float64, device=device)
+    return float(all_reduce_(t, dist.ReduceOp.MAX if dist.is_initialized() else None))
 
 
 def make_train_loader(hp: Hyperparameters, rt: Runtime, files: list[str]):
@@ -1539,6 +1649,9 @@ def make_train_loader(hp: Hyperparameters, rt: Runtime, files: list[str]):
 def calibration_loader(hp: Hyperparameters, rt: Runtime, files: list[str]) -> ShuffledSequenceLoader:
     return ShuffledSequenceLoader(files, rt.rank, rt.world_size, hp.calibration_batch_tokens, hp.train_seq_len,
                                   rt.device, hp.seed + 1)
+
+
+HESSIAN_ESTIMATE_SAFETY = 1.5  # measured per-batch Hessian time x this factor: covers jitter and GPTQ setup
 
 
 def train(hp: Hyperparameters, rt: Runtime, model: GPT, train_files: list[str], val: ValidationData | None,
@@ -1569,17 +1682,21 @@ def train(hp: Hyperparameters, rt: Runtime, model: GPT, train_files: list[str], 
         phases = [False, True] if hp.num_loops > 0 else [False]
         for looping in phases:
             model.looping = looping
+            t0 = time.perf_counter()
             for s in range(hp.warmup_steps):
                 train_step(loader, 0, 0.0)
-            if hp.warmup_steps:
-                log(f"warmup: {hp.warmup_steps} steps looping:{int(looping)}")
+            sync_device(rt.device)
+            if hp.warmup_steps:  # the first step of each schedule compiles its graph
+                log(f"warmup: {hp.warmup_steps} steps looping:{int(looping)} {time.perf_counter() - t0:.1f}s")
         model.looping = hp.num_loops > 0
         if hp.max_wallclock_seconds > 0:
             calib = calibration_loader(hp, rt, train_files)
             collect_hessians(model, calib, 1, hp, rt)  # first call pays one-off costs
+            sync_device(rt.device)
             t0 = clock()
             collect_hessians(model, calib, 1, hp, rt)
-            per_batch = clock() - t0
+            sync_device(rt.device)  # CUDA work is asynchronous: time it to completion
+            per_batch = agree_elapsed(clock() - t0, rt.device)
             res.hessian_estimate_s = HESSIAN_ESTIMATE_SAFETY * per_batch * hp.gptq_calibration_batches
             log(f"hessian_estimate: {res.hessian_estimate_s:.2f}s ({hp.gptq_calibration_batches} batches x "
                 f"{per_batch * 1000:.0f}ms x {HESSIAN_ESTIMATE_SAFETY}) + reserve {hp.gptq_reserve_seconds:.1f}s; "
@@ -1591,34 +1708,34 @@ def train(hp: Hyperparameters, rt: Runtime, model: GPT, train_files: list[str], 
     loader = make_train_loader(hp, rt, train_files)
     ema = ModelEMA(model, hp.ema_decay)
     tokens_per_step = hp.train_batch_tokens
-    elapsed, step = 0.0, 0
+    local_elapsed, step = 0.0, 0
     model.train()
     while True:
+        elapsed = agree_elapsed(local_elapsed, rt.device)
         frac = training_fraction(elapsed, step, hp, res.hessian_estimate_s)
         if hp.num_loops > 0 and not model.looping and frac >= hp.enable_looping_at:
             model.looping, res.looping_step = True, step
             enc, dec = model.schedule()
             log(f"layer_loop:enabled step:{step} frac:{frac:.3f} encoder:{enc} decoder:{dec}")
         reason = stop_reason(elapsed, step, elapsed / max(step, 1), hp, res.hessian_estimate_s)
-        if agree_any(bool(reason), rt.device):
-            res.stop_reason = reason or "wallclock_cap"
+        if reason:  # every rank computed it from the same agreed clock
+            res.stop_reason = reason
             break
         t0 = clock()
         loss = train_step(loader, step, frac)
         ema.update(model)
-        if rt.device.type == "cuda":
-            torch.cuda.synchronize()
-        elapsed += clock() - t0
+        sync_device(rt.device)
+        local_elapsed += clock() - t0
         step += 1
         if step <= 5 or step % hp.train_log_every == 0:
             loss = float(all_reduce_(loss.detach().clone())) / rt.world_size  # mean over the global batch
-            tps = step * tokens_per_step / max(elapsed, 1e-9)
-            res.train_log.append({"step": step, "train_loss": loss, "train_time_ms": elapsed * 1000})
-            log(f"{step}/{hp.iterations} train_loss: {loss:.4f} train_time: {elapsed / 60:.1f}m tok/s: {tps:.0f}")
+            tps = step * tokens_per_step / max(local_elapsed, 1e-9)
+            res.train_log.append({"step": step, "train_loss": loss, "train_time_ms": local_elapsed * 1000})
+            log(f"{step}/{hp.iterations} train_loss: {loss:.4f} train_time: {local_elapsed / 60:.1f}m tok/s: {tps:.0f}")
         if hp.val_loss_every and val is not None and step % hp.val_loss_every == 0:
             r = eval_val(model, val, hp, rt)
             res.val_log.append({"step": step, "val_loss": r.val_loss, "val_bpb": r.val_bpb,
-                                "train_time_ms": elapsed * 1000})
+                                "train_time_ms": local_elapsed * 1000})
             log(f"{step}/{hp.iterations} val_loss: {r.val_loss:.4f} val_bpb: {r.val_bpb:.4f}")
             model.train()
     res.steps, res.train_time_ms = step, elapsed * 1000
@@ -1629,9 +1746,6 @@ def train(hp: Hyperparameters, rt: Runtime, model: GPT, train_files: list[str], 
         log(f"peak memory allocated: {torch.cuda.max_memory_allocated() >> 20} MiB "
             f"reserved: {torch.cuda.max_memory_reserved() >> 20} MiB")
     return res, ema
-
-
-HESSIAN_ESTIMATE_SAFETY = 1.5  # measured per-batch Hessian time x this factor: covers jitter and GPTQ setup
 
 
 # =============================================================================================
@@ -1669,12 +1783,14 @@ def collect_hessians(model: GPT, loader, batches: int, hp: Hyperparameters, rt: 
     hooks = []
 
     def hook(mod, inp, out):
-        x = inp[0].detach().reshape(-1, inp[0].size(-1)).float()
-        key = id(mod)
-        if key in sums:
-            sums[key].addmm_(x.T, x)
-        else:
-            sums[key] = x.T @ x
+        # autocast would run x^T x in bf16 (and refuse the fp32 accumulator): accumulate in true fp32
+        with torch.autocast(inp[0].device.type, enabled=False):
+            x = inp[0].detach().reshape(-1, inp[0].size(-1)).float()
+            key = id(mod)
+            if key in sums:
+                sums[key].addmm_(x.T, x)
+            else:
+                sums[key] = x.T @ x
     mods = {id(m): m for m in targets.values()}
     for key in shared:
         hooks.append(mods[key].register_forward_hook(hook))
@@ -1966,17 +2082,21 @@ def budget_clip_sigmas(state, hessians, stats, start_sigmas, finish, model_bytes
     overhead = actual - sum(order0_entropy_bytes(entries[n].q) for n, _ in curves)  # scales, fp16, header
     goal = target_bytes * (1 - BUDGET_TOLERANCE / 2)
     budget, sigmas = goal - overhead, dict(start_sigmas)
-    for it in range(6):
+    best = None  # (bytes, sigmas, entries) of the largest packing that fits: the grid is discrete, so the
+    for it in range(6):  # correction can oscillate between two solutions either side of the target
         choice, est = solve(budget)
         sigmas.update(choice)
         entries = finish(sigmas)
         actual = model_bytes_of(entries)
         log(f"clip:budget iter:{it} est_code_bytes:{est:.0f} model_bytes:{actual} target:{target_bytes}")
+        if actual <= target_bytes and (best is None or actual > best[0]):
+            best = (actual, dict(sigmas), entries)
         if target_bytes * (1 - BUDGET_TOLERANCE) <= actual <= target_bytes:
             break
         budget += goal - actual
-    if actual > target_bytes:
-        log(f"clip:budget WARNING could not reach target {target_bytes} (min estimate {est_total:.0f})")
+    if best is not None:
+        return best[1], best[2]
+    log(f"clip:budget WARNING could not reach target {target_bytes} (min estimate {est_total:.0f})")
     return sigmas, entries
 
 
@@ -2257,6 +2377,12 @@ class ScoreBoard:
                           (time.perf_counter() - t0) * 1000, losses)
 
 
+def eval_rows_per_forward(hp: Hyperparameters, seq_len: int) -> int:
+    """Rows of seq_len per eval forward on each rank: VAL_BATCH_TOKENS / 8 tokens (the record's
+    VAL_BATCH_TOKENS / (WORLD_SIZE x grad accumulation)), whatever the world size, so memory is bounded."""
+    return max(1, hp.val_batch_tokens // (8 * seq_len))
+
+
 def _rank_range(n: int, rank: int, world: int) -> tuple[int, int]:
     return n * rank // world, n * (rank + 1) // world
 
@@ -2284,20 +2410,23 @@ def eval_sliding(model: GPT, val: ValidationData, hp: Hyperparameters, rt: Runti
     board = ScoreBoard(val, rt.device, keep_losses)
     was_training = model.training
     model.eval()
-    per_batch = max(1, hp.val_batch_tokens // (rt.world_size * seq))
+    rows = eval_rows_per_forward(hp, seq)
+    fwd = maybe_compile(model, hp, rt.device)
     toks = val.tokens
     st = torch.tensor(starts, dtype=torch.int64)
     # window i scores from the end of window i-1 on (its first `first[i]` positions were scored before)
     first = torch.zeros_like(st)
     first[1:] = (st[:-1] + seq - st[1:]).clamp_min(0)
     cols = torch.arange(seq)
-    for b0 in range(lo, hi, per_batch):
-        b1 = min(b0 + per_batch, hi)
-        idx = st[b0:b1, None] + cols[None, :]
+    for b0 in range(lo, hi, rows):
+        win = torch.arange(b0, b0 + rows)
+        real = win < hi
+        win = win.clamp_max(hi - 1)  # the last batch repeats its last window (unscored): one shape throughout
+        idx = st[win, None] + cols[None, :]
         x, y = toks[idx].to(rt.device), toks[idx + 1].to(rt.device)
         with autocast_context(hp, rt.device):
-            nll = model(x, y, reduction="none").float()
-        keep = (cols[None, :] >= first[b0:b1, None]).to(rt.device)
+            nll = fwd(x, y, reduction="none").float()
+        keep = ((cols[None, :] >= first[win, None]) & real[:, None]).to(rt.device)
         board.add(idx.to(rt.device)[keep], nll[keep])
     model.train(was_training)
     return board.result(stage, t0)
@@ -2328,9 +2457,28 @@ def balance_docs(docs: list[int], lengths: list[int], world: int) -> list[list[i
     return out
 
 
-def _ttt_rows(val_tokens, docs, batch, c, C, ctx):
-    """Rows for chunk c of each doc in the batch: window [ws, end) of the doc, its targets, and where the
-    chunk's targets sit inside the row. Inactive docs (fewer chunks) get no positions."""
+class ChunkSpan(NamedTuple):
+    """Where one document's chunk sits in its TTT row: targets row[lo:hi] are validation targets
+    target_pos..target_pos+hi-lo-1; `trains` when the document has later chunks (the adapter learns from it)."""
+    lo: int
+    hi: int
+    target_pos: int
+    trains: bool
+
+
+TTT_ROW_MULTIPLE = 64  # TTT row widths are padded to a multiple of this: never 1 (one dynamic graph), tile-aligned
+
+
+def ttt_rows_per_forward(hp: Hyperparameters) -> int:
+    """Documents per TTT forward: VAL_BATCH_TOKENS / 8 tokens of TTT_EVAL_SEQ_LEN rows, at most TTT_BATCH_SIZE;
+    a batch runs as several such forwards whose gradients add up before the one adapter step."""
+    return max(1, min(hp.ttt_batch_size, hp.val_batch_tokens // (8 * hp.ttt_eval_seq_len)))
+
+
+def _ttt_rows(val_tokens, docs, batch, c, C, ctx, n_rows):
+    """Rows for chunk c of each doc in the batch (n_rows >= len(batch); the rest are padding): window [ws, end)
+    of the doc, its targets, and the ChunkSpan of each doc (None when the doc has no chunk c). One row holds
+    one document, its tail padded with token 0 (causal attention never lets padding reach a real position)."""
     rows, tgts, spans = [], [], []
     for d in batch:
         s, L = docs[d]
@@ -2344,10 +2492,10 @@ def _ttt_rows(val_tokens, docs, batch, c, C, ctx):
         ws = max(0, end - ctx)
         rows.append(val_tokens[s + ws: s + end])
         tgts.append(val_tokens[s + ws + 1: s + end + 1])
-        spans.append((c * C - ws, end - ws, s + c * C, end < pred))
-    width = max(r.numel() for r in rows if r is not None)
-    X = torch.zeros(len(batch), width, dtype=torch.int64)
-    Y = torch.zeros(len(batch), width, dtype=torch.int64)
+        spans.append(ChunkSpan(c * C - ws, end - ws, s + c * C, end < pred))
+    width = -(-max(r.numel() for r in rows if r is not None) // TTT_ROW_MULTIPLE) * TTT_ROW_MULTIPLE
+    X = torch.zeros(n_rows, width, dtype=torch.int64)
+    Y = torch.zeros(n_rows, width, dtype=torch.int64)
     for i, (r, t) in enumerate(zip(rows, tgts)):
         if r is not None:
             X[i, : r.numel()], Y[i, : t.numel()] = r, t
@@ -2357,21 +2505,22 @@ def _ttt_rows(val_tokens, docs, batch, c, C, ctx):
 def ttt_score_docs(model: GPT, val: ValidationData, docs, my_docs: list[int], hp: Hyperparameters, rt: Runtime,
                    board: ScoreBoard, grad_steps: int) -> None:
     """Score-first TTT: for each batch of documents and each chunk, score the chunk with the current
-    per-document adapters, then train the adapters on that already-scored chunk. Adapters reset per batch."""
+    per-document adapters, then train the adapters on that already-scored chunk. Adapters reset per batch.
+    A batch runs as forwards of ttt_rows_per_forward() documents (fixed row count, dynamic width)."""
     C, ctx = hp.ttt_chunk_size, hp.ttt_eval_seq_len
     lengths = {d: docs[d][1] for d in my_docs}
     order = sorted(my_docs, key=lambda d: -lengths[d])  # similar lengths share a batch
-    shapes = model.lora_shapes(hp)
-    lora = BatchedLoRA(hp.ttt_batch_size, hp.ttt_lora_rank, hp.ttt_lora_alpha, shapes, rt.device) \
+    rows = ttt_rows_per_forward(hp)
+    slots = -(-hp.ttt_batch_size // rows) * rows
+    lora = BatchedLoRA(slots, hp.ttt_lora_rank, hp.ttt_lora_alpha, model.lora_shapes(hp), rt.device) \
         if hp.ttt_lora_rank > 0 else None
     if lora is not None:
         gen = torch.Generator().manual_seed(hp.seed)
-        with torch.no_grad():  # one A for every slot: a document's result does not depend on its batch slot
-            for name in lora.names:
-                bound = 1.0 / math.sqrt(lora.A[name].size(-1))
-                a0 = (torch.rand(lora.A[name].shape[1:], generator=gen) * 2 - 1) * bound
-                lora.A[name].copy_(a0.expand_as(lora.A[name]))
-        init_A = {n: lora.A[n].detach().clone() for n in lora.names}
+        init_A = {}  # one A for every slot: a document's result does not depend on its batch slot
+        for name in lora.names:
+            bound = 1.0 / math.sqrt(lora.A[name].size(-1))
+            init_A[name] = ((torch.rand(lora.A[name].shape[1:], generator=gen) * 2 - 1) * bound).to(rt.device)
+    fwd = maybe_compile(model, hp, rt.device)
     for p in model.parameters():
         p.requires_grad_(False)
     for b0 in range(0, len(order), hp.ttt_batch_size):
@@ -2381,32 +2530,36 @@ def ttt_score_docs(model: GPT, val: ValidationData, docs, my_docs: list[int], hp
             with torch.no_grad():
                 for n in lora.names:
                     lora.B[n].zero_()
-                    if not hp.ttt_warm_start_a:
-                        lora.A[n].copy_(init_A[n])
+                    if b0 == 0 or not hp.ttt_warm_start_a:
+                        lora.A[n].copy_(init_A[n].expand_as(lora.A[n]))
             opt = torch.optim.AdamW(lora.parameters(), lr=hp.ttt_lora_lr, betas=(hp.ttt_beta1, hp.ttt_beta2),
                                     eps=1e-10, weight_decay=hp.ttt_weight_decay)
         n_chunks = max(-(-(docs[d][1] - 1) // C) for d in batch)
         for c in range(n_chunks):
-            X, Y, spans = _ttt_rows(val.tokens, docs, batch, c, C, ctx)
+            X, Y, spans = _ttt_rows(val.tokens, docs, batch, c, C, ctx, -(-len(batch) // rows) * rows)
             X, Y = X.to(rt.device), Y.to(rt.device)
-            train_more = lora is not None and grad_steps > 0 and any(sp is not None and sp[3] for sp in spans)
+            train_more = lora is not None and grad_steps > 0 and any(sp is not None and sp.trains for sp in spans)
             for g in range(max(1, grad_steps if train_more else 1)):
-                with torch.set_grad_enabled(train_more), autocast_context(hp, rt.device):
-                    nll = model(X, Y, lora=lora if lora is not None else None, reduction="none").float()
-                if g == 0:  # score before any update that has seen these tokens
-                    for i, sp in enumerate(spans):
-                        if sp is not None:
-                            a, e, tpos, _ = sp
-                            board.add(torch.arange(tpos, tpos + (e - a), device=rt.device), nll[i, a:e].detach())
-                if not train_more:
-                    break
-                loss = nll.new_zeros(())
-                for i, sp in enumerate(spans):
-                    if sp is not None and sp[3]:
-                        loss = loss + nll[i, sp[0]: sp[1]].mean()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                for lo in range(0, X.size(0), rows):
+                    mine = [(i, sp) for i, sp in enumerate(spans[lo: lo + rows], lo) if sp is not None]
+                    if g and not any(sp.trains for _, sp in mine):
+                        continue  # after the scoring pass only the rows that train need a forward
+                    xs, ys = X[lo: lo + rows], Y[lo: lo + rows]
+                    if fwd is not model:
+                        mark_row_width_dynamic(xs, ys)
+                    with torch.set_grad_enabled(train_more), autocast_context(hp, rt.device):
+                        nll = fwd(xs, ys, lora=None if lora is None else lora.weights(lo, lo + rows),
+                                  reduction="none", rows_are_docs=True).float()
+                    if g == 0:  # score before any update that has seen these tokens
+                        for i, sp in mine:
+                            board.add(torch.arange(sp.target_pos, sp.target_pos + sp.hi - sp.lo, device=rt.device),
+                                      nll[i - lo, sp.lo: sp.hi].detach())
+                    losses = [nll[i - lo, sp.lo: sp.hi].mean() for i, sp in mine if sp.trains]
+                    if train_more and losses:
+                        torch.stack(losses).sum().backward()
+                if train_more:
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
     for p in model.parameters():
         p.requires_grad_(True)
 
@@ -2422,6 +2575,8 @@ def global_sgd_on_scored(model: GPT, val: ValidationData, docs, scored: list[int
     chunk = max(seq + 1, hp.global_ttt_chunk_tokens)
     n_chunks = max(1, (stream.numel() - 1) // chunk)
     opt = torch.optim.SGD(model.parameters(), lr=hp.global_ttt_lr, momentum=hp.global_ttt_momentum)
+    fwd = maybe_compile(model, hp, rt.device)
+    per_rank = -(-(chunk // seq) // rt.world_size)  # every forward has this many rows (padding is not counted)
     model.train()
     for c in range(n_chunks):
         lr = hp.global_ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(n_chunks - 1, 1)))
@@ -2431,11 +2586,13 @@ def global_sgd_on_scored(model: GPT, val: ValidationData, docs, scored: list[int
         rows = (part.numel() - 1) // seq
         lo, hi = _rank_range(rows, rt.rank, rt.world_size)
         if hi > lo:
-            x = part[lo * seq: hi * seq].view(-1, seq).to(rt.device)
-            y = part[lo * seq + 1: hi * seq + 1].view(-1, seq).to(rt.device)
+            x = torch.zeros(per_rank, seq, dtype=torch.int64)
+            y = torch.zeros(per_rank, seq, dtype=torch.int64)
+            x[: hi - lo] = part[lo * seq: hi * seq].view(-1, seq)
+            y[: hi - lo] = part[lo * seq + 1: hi * seq + 1].view(-1, seq)
             with autocast_context(hp, rt.device):
-                loss = model(x, y, reduction="sum") / max(rows * seq, 1)
-            loss.backward()
+                nll = fwd(x.to(rt.device), y.to(rt.device), reduction="none")
+            (nll[: hi - lo].sum() / max(rows * seq, 1)).backward()
         for p in model.parameters():
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -2483,9 +2640,9 @@ def eval_ttt(model: GPT, val: ValidationData, hp: Hyperparameters, rt: Runtime, 
     P = len(bounds)
     if P:
         t_probe = time.perf_counter()
-        rate_score, rate_sgd = measure_ttt_throughput(model, hp, rt)
-        log(f"ttt_warmup: throughput probe on synthetic tokens {time.perf_counter() - t_probe:.1f}s "
-            f"(score+train {rate_score:.0f} tok/s, global sgd {rate_sgd:.0f} tok/s)")
+        rate_score, rate_sgd, warmup_s = measure_ttt_throughput(model, hp, rt)
+        log(f"ttt_warmup: throughput probe on synthetic tokens {time.perf_counter() - t_probe:.1f}s, compile "
+            f"warm-up {warmup_s:.1f}s (score+train {rate_score:.0f} tok/s, global sgd {rate_sgd:.0f} tok/s)")
         cum = [sum(lengths[:b]) for b in bounds]
         kept, grad_steps = plan_ttt_adaptation(hp.eval_time_budget, time.perf_counter() - eval_t0,
                                                sum(lengths) / rt.world_size, rate_score,
@@ -2514,25 +2671,47 @@ def eval_ttt(model: GPT, val: ValidationData, hp: Hyperparameters, rt: Runtime, 
     return res
 
 
-def measure_ttt_throughput(model: GPT, hp: Hyperparameters, rt: Runtime) -> tuple[float, float]:
-    """Tokens/s of LoRA score+train and of global SGD, measured on random tokens (never validation data)."""
+class TTTThroughput(NamedTuple):
+    score_tok_s: float   # LoRA score + train, tokens scored per second
+    sgd_tok_s: float     # global SGD, tokens per second
+    warmup_s: float      # the untimed first pass (compiled runs: the TTT graphs' compile time)
+
+
+def measure_ttt_throughput(model: GPT, hp: Hyperparameters, rt: Runtime) -> TTTThroughput:
+    """Tokens/s of LoRA score+train (one full forward of documents, 4 chunks each) and of global SGD (one
+    GLOBAL_TTT_CHUNK_TOKENS chunk), on random tokens (never validation data). Compiled runs go through the
+    probe once untimed first: that is the compile warm-up of the TTT graphs."""
     gen = torch.Generator().manual_seed(0)
-    n_docs, L = min(hp.ttt_batch_size, 4), min(hp.ttt_eval_seq_len, 4 * hp.ttt_chunk_size) + 1
-    fake = torch.randint(2, hp.vocab_size, (n_docs * L,), generator=gen)
-    fake[::L] = model.bos_id
-    fval = ValidationData(fake, torch.ones(fake.numel() - 1, dtype=torch.int32), "synthetic")
-    docs = [(i * L, L) for i in range(n_docs)]
+    n_docs, L = ttt_rows_per_forward(hp), min(hp.ttt_eval_seq_len, 4 * hp.ttt_chunk_size) + 1
+    seq = hp.ttt_eval_seq_len
+    n_sgd = max(hp.global_ttt_chunk_tokens, seq + 1) + 1
+
+    def synthetic(n, doc_len):
+        toks = torch.randint(2, hp.vocab_size, (n,), generator=gen)
+        toks[::doc_len] = model.bos_id
+        fval = ValidationData(toks, torch.ones(n - 1, dtype=torch.int32), "synthetic")
+        return fval, find_docs(toks, model.bos_id)
+    score_val, score_docs = synthetic(n_docs * L, L)
+    sgd_val, sgd_docs = synthetic(n_sgd, seq + 1)
     snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
     fake_rt = dataclasses.replace(rt, rank=0, world_size=1)
-    board = ScoreBoard(fval, rt.device, False)
-    t0 = time.perf_counter()
-    ttt_score_docs(model, fval, docs, list(range(n_docs)), hp, fake_rt, board, hp.ttt_grad_steps)
-    rate_score = n_docs * (L - 1) / max(time.perf_counter() - t0, 1e-9)
-    t0 = time.perf_counter()
-    global_sgd_on_scored(model, fval, docs, list(range(n_docs)), hp, fake_rt)
-    rate_sgd = n_docs * L / max(time.perf_counter() - t0, 1e-9)
-    model.load_state_dict(snapshot)
-    return rate_score, rate_sgd
+    rates, warmup_s = [], 0.0
+    for timed in ([False, True] if compile_enabled(hp, rt.device) else [True]):
+        board = ScoreBoard(score_val, rt.device, False)
+        sync_device(rt.device)
+        t0 = time.perf_counter()
+        ttt_score_docs(model, score_val, score_docs, list(range(len(score_docs))), hp, fake_rt, board,
+                       hp.ttt_grad_steps)
+        sync_device(rt.device)
+        t1 = time.perf_counter()
+        global_sgd_on_scored(model, sgd_val, sgd_docs, list(range(len(sgd_docs))), hp, fake_rt)
+        sync_device(rt.device)
+        if timed:
+            rates = [score_val.num_targets / max(t1 - t0, 1e-9), n_sgd / max(time.perf_counter() - t1, 1e-9)]
+        else:
+            warmup_s = time.perf_counter() - t0
+        model.load_state_dict(snapshot)
+    return TTTThroughput(rates[0], rates[1], warmup_s)
 
 
 # =============================================================================================
@@ -2591,6 +2770,7 @@ def main() -> int:
     world = int(os.environ.get("WORLD_SIZE", 1))
     hp.validate(world)
     rt = init_runtime(hp)
+    backend = choose_attention_backend(hp, rt.device)  # before any data is read: a bad choice is a config error
     log = rt.logger.log
     for w in hp.unknown_env_warnings:
         log(f"WARNING: {w}")
@@ -2613,9 +2793,8 @@ def main() -> int:
     val = load_validation(hp, luts)
     log(f"val_tokens: {val.num_targets} val_bytes: {int(val.target_bytes.sum())} byte_source:{val.source}"
         + ("" if hp.val_max_tokens == 0 else f" (VAL_MAX_TOKENS={hp.val_max_tokens}: NOT the full validation set)"))
-    backend = choose_attention_backend(hp.attn_backend, rt.device)
-    compiled = hp.compile == "1" or (hp.compile == "auto" and rt.device.type == "cuda")
-    log(f"attention_backend:{backend} autocast_bf16:{autocast_context(hp, rt.device)._enabled} compile:{int(compiled)}")
+    log(f"attention_backend:{backend} autocast_bf16:{autocast_context(hp, rt.device)._enabled} "
+        f"compile:{int(compile_enabled(hp, rt.device))}")
     record = {"run_id": hp.run_id, "seed": hp.seed, "preset": hp.preset, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
               "config": hp.as_dict(), "env_overrides": env_overrides(hp), "code_sha256": code_sha,
               "code_bytes_raw": len(source), "commit": _git_commit(), "versions": _versions(),

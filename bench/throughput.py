@@ -114,7 +114,7 @@ def bench_step(hp, device, steps: int, warmup: int, grad_accum: int, looping: bo
         raise SystemExit(f"TRAIN_BATCH_TOKENS/grad_accum = {micro_tokens} is not a multiple of "
                          f"TRAIN_SEQ_LEN={hp.train_seq_len}")
     batches, bos, source = make_batches(hp, device, micro_tokens, grad_accum, data, doc_len, hp.seed)
-    backend = T.choose_attention_backend(hp.attn_backend, device)
+    backend = T.choose_attention_backend(hp, device)
     torch.manual_seed(hp.seed)
     model = T.GPT(hp, bos, backend).to(device)
     model.looping = looping
@@ -165,8 +165,15 @@ def bench_step(hp, device, steps: int, warmup: int, grad_accum: int, looping: bo
 
     scratch = dict.fromkeys(phases, 0.0)
     t_warm = time.perf_counter()
-    for _ in range(warmup):
-        one_step(scratch)
+    compile_s = {}  # first step of each layer schedule: compile + one step (the steady step is subtracted below)
+    if compiled and hp.num_loops > 0:
+        model.looping = not looping
+        compile_s[f"train_looping_{int(not looping)}"] = one_step(scratch)
+        model.looping = looping
+    for i in range(warmup):
+        wall = one_step(scratch)
+        if i == 0 and compiled:
+            compile_s[f"train_looping_{int(looping)}"] = wall
     warm_s = time.perf_counter() - t_warm
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
@@ -200,7 +207,8 @@ def bench_step(hp, device, steps: int, warmup: int, grad_accum: int, looping: bo
         mem_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
         mem_kind = "process max RSS"
     phase_total = sum(times.values())
-    return {
+    compile_s = {k: max(v - min(walls), 0.0) for k, v in compile_s.items()}
+    return model, {
         "data": source, "bos_id": bos, "attn_backend": backend, "compiled": compiled,
         "matmul_dtype": "bf16" if bf16 else ("tf32/fp32" if cuda else "fp32"), "looping": looping,
         "grad_accum": grad_accum, "micro_tokens": micro_tokens, "tokens_per_step": tokens_step,
@@ -213,8 +221,87 @@ def bench_step(hp, device, steps: int, warmup: int, grad_accum: int, looping: bo
         "phase_ms": {k: 1000 * v / steps for k, v in times.items()},
         "phase_frac": {k: v / phase_total if phase_total else 0.0 for k, v in times.items()},
         "peak_mem_mib": mem_mib, "peak_mem_kind": mem_kind,
-        "params": T.count_parameters(model),
+        "params": T.count_parameters(model), "compile_s": compile_s,
     }
+
+
+def peak_mib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def bench_eval(hp, device, model, bos: int, reps: int) -> dict:
+    """The eval forward as eval_sliding runs it (eval mode, no grad, eval_rows_per_forward rows of EVAL_SEQ_LEN,
+    compiled where train_gpt compiles): first call (compile) and steady tokens/s."""
+    rows = T.eval_rows_per_forward(hp, hp.eval_seq_len)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(2, hp.vocab_size, (rows, hp.eval_seq_len + 1), generator=g)
+    ids[torch.rand(ids.shape, generator=g) < 1 / 1024] = bos
+    x, y = ids[:, :-1].to(device), ids[:, 1:].to(device)
+    model.eval()
+    fwd = T.maybe_compile(model, hp, device)
+    reset_peak(device)
+    walls = []
+    with torch.no_grad():
+        for _ in range(reps + 1):
+            sync(device)
+            t0 = time.perf_counter()
+            with T.autocast_context(hp, device):
+                fwd(x, y, reduction="none")
+            sync(device)
+            walls.append(time.perf_counter() - t0)
+    model.train()
+    steady = min(walls[1:]) if reps else walls[0]
+    return {"rows": rows, "tokens_per_forward": x.numel(), "first_call_s": walls[0], "compiled": fwd is not model,
+            "compile_s": max(walls[0] - steady, 0.0), "tokens_per_s": x.numel() / steady, "peak_mem_mib": peak_mib(device)}
+
+
+def bench_ttt(hp, device, model) -> dict:
+    """measure_ttt_throughput exactly as eval_ttt runs it before phased TTT: its untimed first pass compiles the
+    TTT graphs (LoRA score+train with a dynamic row width, score-only, global SGD), its timed pass gives rates."""
+    rt = T.Runtime(0, 1, 0, device, False, 8, "", T.RunLogger([], enabled=False))
+    model.eval()
+    reset_peak(device)
+    t0 = time.perf_counter()
+    r = T.measure_ttt_throughput(model, hp, rt)
+    return {"score_tok_s": r.score_tok_s, "sgd_tok_s": r.sgd_tok_s, "compile_s": r.warmup_s,
+            "compiled": T.compile_enabled(hp, device),
+            "total_s": time.perf_counter() - t0, "rows_per_forward": T.ttt_rows_per_forward(hp),
+            "peak_mem_mib": peak_mib(device)}
+
+
+def bench_hessian(hp, device, model, bos: int) -> dict:
+    """collect_hessians on one calibration batch (CALIBRATION_BATCH_TOKENS in TRAIN_SEQ_LEN rows), twice: the
+    first call also compiles the attention kernel it uses outside the training graph."""
+    rows = max(1, hp.calibration_batch_tokens // hp.train_seq_len)
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(2, hp.vocab_size, (rows, hp.train_seq_len + 1), generator=g)
+
+    class OneBatch:
+        def next_batch(self):
+            return ids[:, :-1].to(device), ids[:, 1:].to(device)
+    rt = T.Runtime(0, 1, 0, device, False, 8, "", T.RunLogger([], enabled=False))
+    walls = []
+    for _ in range(2):
+        sync(device)
+        t0 = time.perf_counter()
+        T.collect_hessians(model, OneBatch(), 1, hp, rt)
+        sync(device)
+        walls.append(time.perf_counter() - t0)
+    return {"batch_tokens": rows * hp.train_seq_len, "first_call_s": walls[0], "per_batch_s": walls[1],
+            "compile_s": max(walls[0] - walls[1], 0.0), "compiled": model.attn_backend == "flex"}
+
+
+def mib(v) -> str:
+    return "n/a (CPU)" if v is None else f"{v:,.0f} MiB"
+
+
+def hp_seq(e: dict) -> int:
+    return e["tokens_per_forward"] // e["rows"]
 
 
 def render(res: dict) -> str:
@@ -243,6 +330,20 @@ def render(res: dict) -> str:
     for k in ("forward", "backward", "optimizer", "ema"):
         rows.append((f"  {k}", f"{s['phase_ms'][k]:,.1f} ms ({100 * s['phase_frac'][k]:.0f}%)"))
     rows.append(("peak memory", f"{s['peak_mem_mib']:,.0f} MiB ({s['peak_mem_kind']})"))
+    for k, v in s["compile_s"].items():
+        rows.append((f"compile {k}", f"{v:.1f} s"))
+    if "eval" in res:
+        e = res["eval"]
+        rows += [("eval forward", f"{e['rows']} x {hp_seq(e)} tokens: {e['tokens_per_s']:,.0f} tok/s, compile "
+                  f"{e['compile_s']:.1f} s, peak {mib(e['peak_mem_mib'])}")]
+    if "ttt" in res:
+        t = res["ttt"]
+        rows += [("TTT", f"score+train {t['score_tok_s']:,.0f} tok/s, global SGD {t['sgd_tok_s']:,.0f} tok/s, "
+                  f"compile {t['compile_s']:.1f} s, peak {mib(t['peak_mem_mib'])}")]
+    if "hessian" in res:
+        h = res["hessian"]
+        rows += [("Hessian batch", f"{h['batch_tokens']:,} tokens: {h['per_batch_s'] * 1000:,.0f} ms, compile "
+                  f"{h['compile_s']:.1f} s")]
     w = max(len(a) for a, _ in rows)
     lines = [f"| {'metric'.ljust(w)} | value |", f"|{'-' * (w + 2)}|-------|"]
     lines += [f"| {a.ljust(w)} | {b} |" for a, b in rows]
@@ -265,6 +366,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-bf16-peak", action="store_true", help="skip the bf16 GEMM peak (slow on some CPUs)")
     ap.add_argument("--profile", default=None, help="write a torch.profiler table of the timed steps here")
     ap.add_argument("--json", default=None, help="write the results as JSON here")
+    ap.add_argument("--phases", default="train", help="comma list of train (always), eval, ttt, hessian: each is "
+                    "timed on the trained-shape model, first call (compile) and steady state")
     a = ap.parse_args(argv)
 
     load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -282,26 +385,42 @@ def main(argv=None) -> int:
     peak16 = None if a.no_bf16_peak else matmul_peak(device, torch.bfloat16, sizes, a.peak_reps)
     looping = (hp.num_loops > 0) if a.looping == "auto" else a.looping == "1"
     warmup = a.warmup if a.warmup is not None else (3 if device.type == "cuda" else 1)
-    step = bench_step(hp, device, a.steps, warmup, a.grad_accum, looping, a.data, a.doc_len, a.profile)
+    phases = {p.strip() for p in a.phases.split(",") if p.strip()}
+    if phases - {"train", "eval", "ttt", "hessian"}:
+        raise SystemExit(f"--phases {a.phases!r}: choose from train, eval, ttt, hessian")
+    model, step = bench_step(hp, device, a.steps, warmup, a.grad_accum, looping, a.data, a.doc_len, a.profile)
     use16 = step["matmul_dtype"] == "bf16"
     peak = (peak16["best"] if use16 and peak16 else peak32["best"])
-    res = {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "device": device_name(device), "device_type": device.type,
-        "threads": torch.get_num_threads(), "torch": torch.__version__, "preset": a.preset,
-        "overrides": " ".join(f"{k}={v}" for k, v in sorted(T.env_overrides(hp, env).items()))
-        if hasattr(T, "env_overrides") else "",
-        "peak_fp32": peak32["best"], "peak_fp32_per_size": peak32["per_size"],
-        "peak_bf16": peak16["best"] if peak16 else 0.0,
-        "peak_bf16_per_size": peak16["per_size"] if peak16 else {},
-        "loadavg_1min": [load0, os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")],
-        "cpus": os.cpu_count(),
-        "mfu_peak_dtype": "bf16" if use16 else "fp32", "mfu": step["achieved_flops"] / peak,
-        "mfu_best": step["flops_per_step"] / (step["ms_per_step_best"] / 1000) / peak, "step": step,
-    }
+
+    def result(extra: dict) -> dict:
+        return {
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "device": device_name(device), "device_type": device.type,
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "preset": a.preset,
+            "overrides": " ".join(f"{k}={v}" for k, v in sorted(T.env_overrides(hp, env).items())),
+            "peak_fp32": peak32["best"], "peak_fp32_per_size": peak32["per_size"],
+            "peak_bf16": peak16["best"] if peak16 else 0.0,
+            "peak_bf16_per_size": peak16["per_size"] if peak16 else {},
+            "loadavg_1min": [load0, os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")],
+            "cpus": os.cpu_count(),
+            "mfu_peak_dtype": "bf16" if use16 else "fp32", "mfu": step["achieved_flops"] / peak,
+            "mfu_best": step["flops_per_step"] / (step["ms_per_step_best"] / 1000) / peak, "step": step, **extra,
+        }
+
+    def save(res: dict) -> None:
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(res, f, indent=1, default=str)
+    extra = {}
+    runs = [("hessian", lambda: bench_hessian(hp, device, model, step["bos_id"])),  # first: the train-mode model
+            ("eval", lambda: bench_eval(hp, device, model, step["bos_id"], max(a.steps, 1))),
+            ("ttt", lambda: bench_ttt(hp, device, model))]
+    for name, run in runs:
+        if name in phases and not (name == "ttt" and hp.ttt_lora_rank <= 0):
+            save(result(extra))  # what is measured so far survives a timeout in the next phase
+            extra[name] = run()
+    res = result(extra)
     print(render(res), flush=True)
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(res, f, indent=1, default=str)
+    save(res)
     return 0
 
 

@@ -6,12 +6,15 @@
     python scripts/gpu_check.py --summarize DIR   # final pass/fail table of a scripts/gpu_check.sh run
 
 Checks (random inputs, fixed seeds):
-  attention_<backend>  every attention backend (CUDA: sdpa / flash3 / flex, bf16 and fp32; CPU: sdpa fp32)
-                       vs attention_reference (per-document loop, fp32 CPU) on rows with several documents
+  attention_<backend>  every attention backend (CUDA: sdpa / flex / flash3 when installed, bf16 and fp32; CPU:
+                       sdpa fp32) vs attention_reference (per-document loop, fp32 CPU) on rows with several documents
   model_fwd_bwd        a tiny GPT with every feature on (looping, XSA, parallel lanes, gates): CUDA bf16
-                       autocast (+ torch.compile) loss and grads vs fp32 CPU with the reference attention;
-                       CPU: the sdpa model vs the reference model (fp32) and CPU bf16 autocast vs fp32
+                       autocast loss and grads vs fp32 CPU with the reference attention, and the same compiled by
+                       maybe_compile (fullgraph); CPU: the sdpa model vs the reference (fp32, bf16, compiled)
   kernel_*             Triton fused softcapped CE and LeakyReLU^2 up-projection vs eager (CUDA only)
+  flash3_stand_in_compiled, ttt_compiled (CUDA only)  train_gpt's FA3 path (fixed-length cu_seqlens) compiled
+                       through the FA3 stand-in of tests/fake_fa3 when the real FA3 is absent; phased TTT with
+                       its compiled LoRA forward (dynamic row width) vs eager
   orthogonalize        Newton-Schulz: CUDA (bf16, as in training) vs CPU fp32; CPU: fp32 vs a float64 copy
   quant_roundtrip      Hessians + GPTQ + pack_artifact / unpack_artifact from (CUDA) tensors: unpacked
                        entries identical, dequantized weights close, model_from_artifact on the device gives
@@ -22,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import glob
 import json
 import os
 import sys
@@ -82,8 +84,7 @@ def check_attention(device: torch.device) -> list[dict]:
     B, Tn, H, Hkv, D = 2, 256, 8, 4, 64
     q, k, v = (torch.randn(B, Tn, h, D, generator=g) for h in (H, Hkv, Hkv))
     ids, _ = random_rows(B, Tn, 100, 1, 2)
-    seg = T.segment_ids(ids, 1)
-    ref = T.attention_reference(q, k, v, seg)
+    ref = T.attention_reference(q, k, v, T.prepare_attention("reference", ids, 1))
     if device.type == "cuda":
         names = ["sdpa", "flex"]
         try:
@@ -101,7 +102,7 @@ def check_attention(device: torch.device) -> list[dict]:
             label = f"attention_{name}_{str(dt).split('.')[-1]}"
             try:
                 fn = T.ATTENTION_BACKENDS[name]
-                y = fn(*(t.to(device, dt) for t in (q, k, v)), seg.to(device))
+                y = fn(*(t.to(device, dt) for t in (q, k, v)), T.prepare_attention(name, ids.to(device), 1))
                 err = rel_err(y.float(), ref)
                 tol = 2e-2 if dt == torch.bfloat16 else (1e-3 if device.type == "cuda" else 1e-5)
                 out.append(dict(name=label, ok=err < tol, detail=f"rel_err {err:.2e} (tol {tol:.0e})", value=err))
@@ -153,7 +154,7 @@ def check_kernels(device: torch.device) -> list[dict]:
 def _loss_and_grads(model, ids, y, autocast_dtype=None, device_type="cpu", fwd=None):
     model.zero_grad(set_to_none=True)
     with torch.autocast(device_type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-        loss = (fwd or model)(ids, y)
+        loss = (model if fwd is None else fwd)(ids, y)  # not `fwd or model`: truthiness of a module calls len()
     loss.backward()
     grads = {n: p.grad.detach().float().cpu().clone() for n, p in model.named_parameters() if p.grad is not None}
     return float(loss.detach()), grads
@@ -172,7 +173,6 @@ def _compare(name, loss, grads, ref_loss, ref_grads, loss_tol, grad_tol) -> dict
 
 def check_model(device: torch.device, compile_too: bool) -> list[dict]:
     out = []
-    T.ATTENTION_BACKENDS.setdefault("reference", T.attention_reference)
     hp = tiny_hp()
     bos = 1
     ids, y = random_rows(2, hp.train_seq_len, hp.vocab_size, bos, 3)
@@ -180,7 +180,7 @@ def check_model(device: torch.device, compile_too: bool) -> list[dict]:
     ref_model.looping = True
     ref_loss, ref_grads = _loss_and_grads(ref_model, ids, y)
     if device.type == "cuda":
-        backend = T.choose_attention_backend("auto", device)
+        backend = T.choose_attention_backend(hp, device)
         m = copy.deepcopy(ref_model).to(device)
         m.attn_backend = backend
         loss, grads = _loss_and_grads(m, ids.to(device), y.to(device), torch.bfloat16, "cuda")
@@ -194,7 +194,7 @@ def check_model(device: torch.device, compile_too: bool) -> list[dict]:
             try:
                 mc = copy.deepcopy(ref_model).to(device)
                 mc.attn_backend = backend
-                fwd = torch.compile(mc, dynamic=False)
+                fwd = T.maybe_compile(mc, tiny_hp(COMPILE=1), device)
                 loss, grads = _loss_and_grads(mc, ids.to(device), y.to(device), torch.bfloat16, "cuda", fwd)
                 r = _compare(f"model_fwd_bwd_cuda_bf16_{backend}_compiled", loss, grads, ref_loss, ref_grads,
                              2e-2, 6e-2)
@@ -209,6 +209,74 @@ def check_model(device: torch.device, compile_too: bool) -> list[dict]:
         out.append(_compare("model_fwd_bwd_cpu_fp32_sdpa", loss, grads, ref_loss, ref_grads, 1e-5, 1e-4))
         loss, grads = _loss_and_grads(m, ids, y, torch.bfloat16, "cpu")
         out.append(_compare("model_fwd_bwd_cpu_bf16_sdpa", loss, grads, ref_loss, ref_grads, 2e-2, 6e-2))
+        if compile_too:  # the compiled check's code runs on CPU too, so a Python slip in it fails here first;
+            t0 = time.perf_counter()  # backend aot_eager: dynamo + autograd tracing (tests/ cover inductor)
+            mc = copy.deepcopy(ref_model)
+            mc.attn_backend = "sdpa"
+            fwd = torch.compile(mc, fullgraph=True, backend="aot_eager")
+            loss, grads = _loss_and_grads(mc, ids, y, None, "cpu", fwd)
+            r = _compare("model_fwd_bwd_cpu_fp32_sdpa_aot_eager", loss, grads, ref_loss, ref_grads, 1e-4, 1e-3)
+            r["detail"] += f"; compile+run {time.perf_counter() - t0:.0f}s"
+            out.append(r)
+    return out
+
+
+def check_compiled_paths(device: torch.device) -> list[dict]:
+    """CUDA: code paths compiled as a real run compiles them, at tiny shapes, against eager / the reference.
+    flash3_stand_in_compiled: the FA3 path of train_gpt (fixed-length cu_seqlens from torch.nonzero_static, the
+      device-side capacity assert, max_seqlen = row length) under inductor, through the FA3 stand-in of
+      tests/fake_fa3 (a reference kernel with FA3's interface and checks) when the real FA3 is not installed;
+    ttt_compiled: phased TTT with the compiled LoRA forward (dynamic row width) and global SGD vs the same eager.
+    On CPU both are covered by tests/test_cuda_nets.py (graph counts, recompiles, an inductor pipeline run)."""
+    names = ("flash3_stand_in_compiled", "ttt_compiled")
+    if device.type != "cuda":
+        return [dict(name=n, ok=None, detail="skipped: needs CUDA (tests/test_cuda_nets.py covers CPU)") for n in names]
+    out = []
+    hp = tiny_hp(COMPILE=1)
+    bos = 1
+    ids, y = random_rows(2, hp.train_seq_len, hp.vocab_size, bos, 3)
+    ref_model = randomize(T.GPT(hp, bos, "reference"))
+    ref_model.looping = True
+    ref_loss, ref_grads = _loss_and_grads(ref_model, ids, y)
+    t0 = time.perf_counter()
+    try:
+        import flash_attn_interface  # noqa: F401
+        out.append(dict(name=names[0], ok=None, detail="skipped: the real FA3 is installed (attention_flash3 ran)"))
+    except ImportError:
+        try:
+            from bench.memory_trace import fa3_stand_in
+            sys.modules["flash_attn_interface"] = fa3_stand_in()
+            m = copy.deepcopy(ref_model).to(device)
+            m.attn_backend = "flash3"
+            loss, grads = _loss_and_grads(m, ids.to(device), y.to(device), torch.bfloat16, "cuda",
+                                          T.maybe_compile(m, hp, device))
+            r = _compare(names[0], loss, grads, ref_loss, ref_grads, 2e-2, 6e-2)
+            r["detail"] += f"; compile+run {time.perf_counter() - t0:.0f}s"
+            out.append(r)
+        except Exception as e:
+            out.append(dict(name=names[0], ok=False, detail=f"{type(e).__name__}: {str(e)[:200]}"))
+        finally:
+            sys.modules.pop("flash_attn_interface", None)
+    t0 = time.perf_counter()
+    try:
+        g = torch.Generator().manual_seed(9)
+        toks = torch.randint(2, hp.vocab_size, (6000,), generator=g)
+        toks[torch.randperm(5999, generator=g)[:30]] = bos
+        toks[0] = bos
+        val = T.ValidationData(toks, torch.ones(5999, dtype=torch.int32), "synthetic")
+        rt = T.Runtime(0, 1, 0, device, False, 8, "", T.RunLogger([], enabled=False))
+        bpb = {}
+        for comp in ("1", "0"):
+            hpt = tiny_hp(COMPILE=comp, PHASED_TTT_PREFIX_DOCS=6, PHASED_TTT_NUM_PHASES=2, TTT_BATCH_SIZE=4,
+                          TTT_LORA_RANK=4, TTT_CHUNK_SIZE=32, TTT_EVAL_SEQ_LEN=128, GLOBAL_TTT_CHUNK_TOKENS=1024)
+            m = copy.deepcopy(ref_model).to(device)
+            m.attn_backend = T.choose_attention_backend(hpt, device)
+            bpb[comp] = T.eval_ttt(m, val, hpt, rt, "ttt", True).val_bpb
+        d = abs(bpb["1"] - bpb["0"]) / bpb["0"]
+        out.append(dict(name=names[1], ok=d < 2e-2, value=d, detail=f"val_bpb compiled {bpb['1']:.4f} vs eager "
+                        f"{bpb['0']:.4f} (rel {d:.1e}, tol 2e-2); {time.perf_counter() - t0:.0f}s with compile"))
+    except Exception as e:
+        out.append(dict(name=names[1], ok=False, detail=f"{type(e).__name__}: {str(e)[:200]}"))
     return out
 
 
@@ -233,7 +301,6 @@ def check_orthogonalize(device: torch.device) -> list[dict]:
 
 
 def check_quant_roundtrip(device: torch.device) -> list[dict]:
-    T.ATTENTION_BACKENDS.setdefault("reference", T.attention_reference)
     hp = tiny_hp(MATRIX_BITS=6, EMBED_BITS=7)
     bos = 1
     model = randomize(T.GPT(hp, bos, "sdpa"), seed=5).to(device)
@@ -269,7 +336,7 @@ def check_quant_roundtrip(device: torch.device) -> list[dict]:
     ids, y = random_rows(2, hp.train_seq_len, hp.vocab_size, bos, 7)
     with torch.no_grad():
         ref_loss = float(T.model_from_artifact(blob, hp, CPU, "reference")(ids, y))
-        dev_model = T.model_from_artifact(blob, hp, device, T.choose_attention_backend("auto", device))
+        dev_model = T.model_from_artifact(blob, hp, device, T.choose_attention_backend(hp, device))
         with T.autocast_context(hp, device):
             dev_loss = float(dev_model(ids.to(device), y.to(device)))
         orig_loss = float(model.to(device)(ids.to(device), y.to(device)))
@@ -283,6 +350,10 @@ def check_quant_roundtrip(device: torch.device) -> list[dict]:
 
 
 # ---- summary of a gpu_check.sh run ---------------------------------------------------------------
+
+def mib(v) -> str:
+    return "n/a (CPU)" if v is None else f"{v:,.0f} MiB"
+
 
 def summarize(d: str) -> int:
     rows, bad = [], 0
@@ -312,19 +383,39 @@ def summarize(d: str) -> int:
             f"{s['ms_per_step']:.1f} ms/step, {s['tokens_per_s']:,.0f} tok/s, MFU {100 * r['mfu']:.1f}% of measured "
             f"{r['mfu_peak_dtype']} peak {r['peak_bf16' if r['mfu_peak_dtype'] == 'bf16' else 'peak_fp32'] / 1e12:.1f} "
             f"TFLOP/s; fwd/bwd/opt {s['phase_ms']['forward']:.0f}/{s['phase_ms']['backward']:.0f}/"
-            f"{s['phase_ms']['optimizer']:.0f} ms; mem {s['peak_mem_mib']:.0f} MiB")
+            f"{s['phase_ms']['optimizer']:.0f} ms; mem {s['peak_mem_mib']:.0f} MiB; {s['attn_backend']}")
+        comp = dict(s.get("compile_s", {}))
+        for phase in ("eval", "ttt", "hessian"):
+            if r.get(phase, {}).get("compiled"):
+                comp[phase] = r[phase]["compile_s"]
+        add("compile_seconds", bool(comp) or None, ", ".join(f"{k} {v:.0f}s" for k, v in comp.items()) or "not compiled")
+        if "eval" in r:
+            e = r["eval"]
+            add("eval_throughput", True, f"{e['rows']} rows/forward: {e['tokens_per_s']:,.0f} tok/s, "
+                f"peak {mib(e['peak_mem_mib'])}")
+        if "ttt" in r:
+            t = r["ttt"]
+            add("ttt_throughput", True, f"score+train {t['score_tok_s']:,.0f} tok/s, global SGD {t['sgd_tok_s']:,.0f} "
+                f"tok/s, {t['rows_per_forward']} docs/forward, peak {mib(t['peak_mem_mib'])}")
+        if "hessian" in r:
+            h = r["hessian"]
+            add("hessian_throughput", True, f"{h['batch_tokens']:,} tokens: {h['per_batch_s'] * 1000:,.0f} ms per "
+                "calibration batch")
+        for phase in ("eval", "ttt", "hessian"):
+            if phase not in r:
+                add(f"{phase}_throughput", False, "not measured (see throughput.log)")
     else:
         add("throughput", False, "no throughput.json")
-    recs = glob.glob(os.path.join(d, "e2e", "run_record.json"))
-    if recs:
-        with open(recs[0]) as f:
+    rec_path = os.path.join(d, "e2e_record.json")
+    if os.path.isfile(rec_path):
+        with open(rec_path) as f:
             r = json.load(f)
         tr, art = r.get("train", {}), r.get("artifact", {})
         stages = ", ".join(f"{k} {v['val_bpb']:.4f}" for k, v in r.get("stages", {}).items())
         add("end_to_end", bool(art.get("under_limit")), f"{tr.get('steps')} steps {tr.get('step_avg_ms', 0):.0f} ms/step; "
             f"artifact {art.get('artifact_bytes')} B; val_bpb: {stages}; eval {r.get('eval_time_s', 0):.0f}s")
     else:
-        add("end_to_end", False, "no e2e/run_record.json (see e2e.log)")
+        add("end_to_end", False, "no e2e_record.json (see e2e.log)")
     w = max(len(a) for a, _, _ in rows)
     print(f"\n{'check'.ljust(w)}  result  detail")
     for a, s, dtl in rows:
@@ -336,7 +427,7 @@ def summarize(d: str) -> int:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cpu", action="store_true", help="run the CPU paths against the reference (no CUDA needed)")
-    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile model check on CUDA")
+    ap.add_argument("--no-compile", action="store_true", help="skip the compiled model check")
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--summarize", default=None, metavar="DIR", help="print the final table of a gpu_check.sh run")
     a = ap.parse_args(argv)
@@ -351,7 +442,8 @@ def main(argv=None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 comparisons are against true fp32
     results = []
     for fn, args in ((check_attention, (device,)), (check_kernels, (device,)), (check_model, (device, not a.no_compile)),
-                     (check_orthogonalize, (device,)), (check_quant_roundtrip, (device,))):
+                     (check_compiled_paths, (device,)), (check_orthogonalize, (device,)),
+                     (check_quant_roundtrip, (device,))):
         t0 = time.perf_counter()
         try:
             rs = fn(*args)

@@ -1,4 +1,5 @@
 """Shared fixtures: the offline sample dataset (built once per test run) and tiny configs."""
+import datetime
 import os
 import subprocess
 import sys
@@ -29,7 +30,7 @@ def sample(tmp_path_factory):
 
 
 TINY = dict(PRESET="cpu_smoke", NUM_LAYERS="4", MODEL_DIM="64", NUM_HEADS="2", NUM_KV_HEADS="1",
-            TRAIN_SEQ_LEN="128", EVAL_SEQ_LEN="128", TRAIN_BATCH_TOKENS="2048", VAL_BATCH_TOKENS="4096",
+            TRAIN_SEQ_LEN="128", EVAL_SEQ_LEN="128", TRAIN_BATCH_TOKENS="2048", VAL_BATCH_TOKENS="32768",
             LOOP_START="1", LOOP_END="2", NUM_LOOPS="1", PARALLEL_START_LAYER="3", XSA_LAST_N="4", ROPE_DIMS="16",
             GATE_WINDOW="8", VAL_MAX_TOKENS="4096", QUANT_MIN_NUMEL="1024", WARMUP_STEPS="1",
             GPTQ_CALIBRATION_BATCHES="2", CALIBRATION_BATCH_TOKENS="1024", TTT_EVAL_SEQ_LEN="128",
@@ -52,8 +53,21 @@ def cpu_runtime(tmp_path, world=1, rank=0):
                      T.RunLogger([], enabled=False))
 
 
+@pytest.fixture
+def fake_fa3(monkeypatch):
+    """tests/fake_fa3's stand-in importable as `flash_attn_interface` for one test (loaded once per process: its
+    custom ops register on load); .CALLS counts its real (non-fake) forward and backward calls."""
+    from bench.memory_trace import fa3_stand_in
+    mod = fa3_stand_in()
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", mod)
+    monkeypatch.setattr(mod, "CALLS", {"forward": 0, "backward": 0})
+    return mod
+
+
 def _rank_entry(rank, world, worker, pg_file, out):
-    dist.init_process_group("gloo", init_method=f"file://{pg_file}", rank=rank, world_size=world)
+    # a collective that one rank never reaches fails after a minute instead of hanging the suite
+    dist.init_process_group("gloo", init_method=f"file://{pg_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
     torch.set_num_threads(1)
     result = worker(rank, world)
     if rank == 0:

@@ -39,7 +39,6 @@ def test_flops_match_flop_counter(looping):
     FlopCounterMode (the CPU flash kernel has no FLOP formula), so there the counter sees only matmuls."""
     hp = T.Hyperparameters.from_env(dict(TINY))
     bos = 1
-    T.ATTENTION_BACKENDS.setdefault("reference", T.attention_reference)
     ids, y = rows_with_docs(hp, bos)
     torch.manual_seed(0)
     model = T.GPT(hp, bos, "reference")

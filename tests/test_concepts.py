@@ -39,7 +39,8 @@ FOREIGN_ENV = {
     "BENCH_GRAD_ACCUM": "bench/throughput.py",
 }
 # Generic launcher/tool variables documented for users but owned by no repo file.
-EXTERNAL_ENV = {"CUDA_VISIBLE_DEVICES", "HF_TOKEN", "HF_ENDPOINT", "HF_HOME", "TRITON_INTERPRET", "OMP_NUM_THREADS"}
+EXTERNAL_ENV = {"CUDA_VISIBLE_DEVICES", "HF_TOKEN", "HF_ENDPOINT", "HF_HOME", "TRITON_INTERPRET", "OMP_NUM_THREADS",
+                "MAX_JOBS", "TORCHINDUCTOR_CACHE_DIR"}
 
 SPAN = re.compile(r"`([^`\n]+)`")
 UPPER = re.compile(r"^([A-Z][A-Z0-9_]*[A-Z0-9])(=\S*)?$")

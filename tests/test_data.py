@@ -109,13 +109,18 @@ def test_packed_loader_disjoint_ranks_cover_stream_and_never_open_val(sample, mo
 
 def test_document_boundaries_are_bos_positions():
     bos = 1
-    ids = torch.tensor([[5, 6, 1, 7, 8, 1, 9], [1, 2, 3, 4, 1, 5, 6]])
+    ids = torch.tensor([[5, 6, 1, 7, 8, 1, 9] + [9] * 57, [1, 2, 3, 4, 1, 5, 6] + [6] * 57])
     seg = T.segment_ids(ids, bos)
     for row, s in zip(ids, seg):
         changes = (s[1:] != s[:-1]).nonzero().flatten() + 1
         assert all(row[c] == bos for c in changes)
-    cu, longest = T.cu_seqlens_from_segments(seg)
-    assert cu.tolist() == [0, 2, 5, 7, 11, 14] and longest == 4
+    cu = T.cu_seqlens_from_segments(seg)
+    cap = T.cu_seqlens_capacity(*ids.shape)
+    assert cu.dtype == torch.int32 and cu.numel() == cap + 1  # fixed length: one compiled shape
+    assert cu[:6].tolist() == [0, 2, 5, 64, 68, 128] and set(cu[6:].tolist()) == {128}  # tail: empty segments
+    dense = torch.ones(2, 64, dtype=torch.long)  # a BOS at every token: more documents than the capacity
+    with pytest.raises(RuntimeError, match="cu_seqlens_capacity"):
+        T.cu_seqlens_from_segments(T.segment_ids(dense, bos))
 
 
 def test_packed_loader_wraps_around_short_shards(tmp_path):

@@ -96,8 +96,8 @@ def test_sdpa_attention_matches_per_document_reference(hkv):
     ids = torch.randint(2, 50, (B, Tn), generator=g)
     ids[0, [0, 9, 30]] = 1
     ids[1, [5, 6]] = 1
-    seg = T.segment_ids(ids, 1)
-    assert torch.allclose(T.attention_sdpa(q, k, v, seg), T.attention_reference(q, k, v, seg), atol=1e-5)
+    doc = T.prepare_attention("sdpa", ids, 1)
+    assert torch.allclose(T.attention_sdpa(q, k, v, doc), T.attention_reference(q, k, v, doc), atol=1e-5)
 
 
 def test_smear_gate_identity_at_init_and_masks_bos():
