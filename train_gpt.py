@@ -1584,15 +1584,42 @@ def training_fraction(elapsed_s: float, step: int, hp: Hyperparameters, hessian_
     return min(step / max(hp.iterations, 1), 1.0)
 
 
-def stop_reason(elapsed_s: float, step: int, step_avg_s: float, hp: Hyperparameters,
+def stop_reason(elapsed_s: float, step: int, next_step_s: float, hp: Hyperparameters,
                 hessian_estimate_s: float) -> str:
-    """'' to go on; else why training stops. The wall-clock rule stops when one more step would not fit
-    before the reserved Hessian time (so training + Hessians end inside MAX_WALLCLOCK_SECONDS)."""
+    """'' to go on; else why training stops. The wall-clock rule stops when the next step (as TrainBudget
+    predicts it) would not fit before the reserved Hessian time: training + Hessians end inside
+    MAX_WALLCLOCK_SECONDS."""
     if hp.iterations and step >= hp.iterations:
         return "iterations"
-    if hp.max_wallclock_seconds > 0 and elapsed_s + step_avg_s > usable_train_seconds(hp, hessian_estimate_s):
+    if hp.max_wallclock_seconds > 0 and elapsed_s + next_step_s > usable_train_seconds(hp, hessian_estimate_s):
         return "wallclock_cap"
     return ""
+
+
+STEP_HISTORY = 20  # steps the stop rule looks back on: a hiccup among them is assumed to recur
+
+
+class TrainBudget:
+    """The step-time side of the wall-clock rule, fed the agreed (slowest rank's) step durations, so every rank
+    decides alike. The next step is predicted as the slowest of the last STEP_HISTORY steps (one slow step in
+    twenty, 5x the mean, still fits); the reserved Hessian time grows with the steps' slowdown since the first
+    STEP_HISTORY steps (the same forward on the same machine: if steps got 2x slower, so will calibration)."""
+
+    def __init__(self, hessian_probe_s: float):
+        self.hessian_probe_s = self.hessian_s = hessian_probe_s
+        self.steps: list[float] = []
+
+    def record(self, step_s: float) -> float:
+        """Add a step; return the slowdown factor when it raised the Hessian estimate by over 10%, else 0."""
+        self.steps.append(step_s)
+        slowdown = float(np.median(self.steps[-STEP_HISTORY:]) / max(np.median(self.steps[:STEP_HISTORY]), 1e-9))
+        if self.hessian_probe_s * slowdown > 1.1 * self.hessian_s:
+            self.hessian_s = self.hessian_probe_s * slowdown
+            return slowdown
+        return 0.0
+
+    def next_step_s(self) -> float:
+        return max(self.steps[-STEP_HISTORY:], default=0.0)
 
 
 def autocast_context(hp: Hyperparameters, device: torch.device):
@@ -1652,6 +1679,35 @@ def calibration_loader(hp: Hyperparameters, rt: Runtime, files: list[str]) -> Sh
 
 
 HESSIAN_ESTIMATE_SAFETY = 1.5  # measured per-batch Hessian time x this factor: covers jitter and GPTQ setup
+MIN_TRAIN_BUDGET_FRACTION = 0.5  # a config whose reserved Hessian time leaves less of the budget is refused
+
+
+def probe_hessian_seconds(model: GPT, hp: Hyperparameters, rt: Runtime, train_files: list[str], clock) -> float:
+    """Time one calibration batch exactly as collect_hessians() will run them after training (same loader,
+    model state, eval mode, looping as training ends); return the reserved estimate. Raises ConfigError when
+    it leaves less than MIN_TRAIN_BUDGET_FRACTION of MAX_WALLCLOCK_SECONDS for training."""
+    model.looping = hp.num_loops > 0
+    calib = calibration_loader(hp, rt, train_files)
+    collect_hessians(model, calib, 1, hp, rt)  # first call pays one-off costs (allocator, attention compile)
+    sync_device(rt.device)
+    t0 = clock()
+    collect_hessians(model, calib, 1, hp, rt)
+    sync_device(rt.device)  # CUDA work is asynchronous: time it to completion
+    per_batch = agree_elapsed(clock() - t0, rt.device)
+    model.looping = False
+    estimate = HESSIAN_ESTIMATE_SAFETY * per_batch * hp.gptq_calibration_batches
+    left = usable_train_seconds(hp, estimate)
+    rt.logger.log(f"hessian_estimate: {estimate:.2f}s ({hp.gptq_calibration_batches} batches x {per_batch * 1000:.0f}ms"
+                  f" x {HESSIAN_ESTIMATE_SAFETY}) + reserve {hp.gptq_reserve_seconds:.1f}s; training budget {left:.1f}s")
+    if left < MIN_TRAIN_BUDGET_FRACTION * hp.max_wallclock_seconds:
+        raise ConfigError(
+            f"MAX_WALLCLOCK_SECONDS={hp.max_wallclock_seconds:g}: collecting Hessians is estimated at {estimate:.1f}s "
+            f"(GPTQ_CALIBRATION_BATCHES={hp.gptq_calibration_batches} x CALIBRATION_BATCH_TOKENS="
+            f"{hp.calibration_batch_tokens} tokens per rank, {per_batch:.2f}s per batch measured, x "
+            f"{HESSIAN_ESTIMATE_SAFETY} margin) + GPTQ_RESERVE_SECONDS={hp.gptq_reserve_seconds:g}, leaving {left:.1f}s "
+            f"for training, under {MIN_TRAIN_BUDGET_FRACTION:.0%} of the budget. Lower GPTQ_CALIBRATION_BATCHES or "
+            f"CALIBRATION_BATCH_TOKENS, or raise MAX_WALLCLOCK_SECONDS")
+    return estimate
 
 
 def train(hp: Hyperparameters, rt: Runtime, model: GPT, train_files: list[str], val: ValidationData | None,
@@ -1673,9 +1729,12 @@ def train(hp: Hyperparameters, rt: Runtime, model: GPT, train_files: list[str], 
         opt.step()
         return total / rt.grad_accum_steps
 
-    # Warm-up: compile / allocator warm-up with both layer schedules, plus a timed Hessian batch; then roll
-    # back weights, optimizer state and loader so the timed run starts from the true init (spec §4.5).
-    if hp.warmup_steps > 0 or hp.max_wallclock_seconds > 0:
+    # Before the timer: a timed Hessian batch (a budget it leaves no room in is a config error, raised now),
+    # then compile / allocator warm-up with both layer schedules; weights, optimizer state and loader are rolled
+    # back so the timed run starts from the true init (spec §4.5).
+    if hp.max_wallclock_seconds > 0:
+        res.hessian_estimate_s = probe_hessian_seconds(model, hp, rt, train_files, clock)
+    if hp.warmup_steps > 0:
         snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
         opt_state = opt.state_dict()
         loader = make_train_loader(hp, rt, train_files)
@@ -1688,36 +1747,29 @@ def train(hp: Hyperparameters, rt: Runtime, model: GPT, train_files: list[str], 
             sync_device(rt.device)
             if hp.warmup_steps:  # the first step of each schedule compiles its graph
                 log(f"warmup: {hp.warmup_steps} steps looping:{int(looping)} {time.perf_counter() - t0:.1f}s")
-        model.looping = hp.num_loops > 0
-        if hp.max_wallclock_seconds > 0:
-            calib = calibration_loader(hp, rt, train_files)
-            collect_hessians(model, calib, 1, hp, rt)  # first call pays one-off costs
-            sync_device(rt.device)
-            t0 = clock()
-            collect_hessians(model, calib, 1, hp, rt)
-            sync_device(rt.device)  # CUDA work is asynchronous: time it to completion
-            per_batch = agree_elapsed(clock() - t0, rt.device)
-            res.hessian_estimate_s = HESSIAN_ESTIMATE_SAFETY * per_batch * hp.gptq_calibration_batches
-            log(f"hessian_estimate: {res.hessian_estimate_s:.2f}s ({hp.gptq_calibration_batches} batches x "
-                f"{per_batch * 1000:.0f}ms x {HESSIAN_ESTIMATE_SAFETY}) + reserve {hp.gptq_reserve_seconds:.1f}s; "
-                f"training budget {usable_train_seconds(hp, res.hessian_estimate_s):.1f}s")
         model.load_state_dict(snapshot)
         opt.load_state_dict(opt_state)
         model.zero_grad(set_to_none=True)
         model.looping = False
     loader = make_train_loader(hp, rt, train_files)
     ema = ModelEMA(model, hp.ema_decay)
+    budget = TrainBudget(res.hessian_estimate_s)
     tokens_per_step = hp.train_batch_tokens
-    local_elapsed, step = 0.0, 0
+    local_elapsed, elapsed, step = 0.0, 0.0, 0
     model.train()
     while True:
-        elapsed = agree_elapsed(local_elapsed, rt.device)
-        frac = training_fraction(elapsed, step, hp, res.hessian_estimate_s)
+        agreed = agree_elapsed(local_elapsed, rt.device)
+        if step:
+            rescaled = budget.record(agreed - elapsed)
+            if rescaled:
+                log(f"hessian_estimate: {budget.hessian_s:.2f}s (steps now {rescaled:.2f}x as slow as at the start)")
+        elapsed = agreed
+        frac = training_fraction(elapsed, step, hp, budget.hessian_s)
         if hp.num_loops > 0 and not model.looping and frac >= hp.enable_looping_at:
             model.looping, res.looping_step = True, step
             enc, dec = model.schedule()
             log(f"layer_loop:enabled step:{step} frac:{frac:.3f} encoder:{enc} decoder:{dec}")
-        reason = stop_reason(elapsed, step, elapsed / max(step, 1), hp, res.hessian_estimate_s)
+        reason = stop_reason(elapsed, step, budget.next_step_s(), hp, budget.hessian_s)
         if reason:  # every rank computed it from the same agreed clock
             res.stop_reason = reason
             break
@@ -1738,7 +1790,7 @@ def train(hp: Hyperparameters, rt: Runtime, model: GPT, train_files: list[str], 
                                 "train_time_ms": local_elapsed * 1000})
             log(f"{step}/{hp.iterations} val_loss: {r.val_loss:.4f} val_bpb: {r.val_bpb:.4f}")
             model.train()
-    res.steps, res.train_time_ms = step, elapsed * 1000
+    res.steps, res.train_time_ms, res.hessian_estimate_s = step, elapsed * 1000, budget.hessian_s
     res.tokens_per_s = step * tokens_per_step / max(elapsed, 1e-9)
     if res.stop_reason == "wallclock_cap":
         log(f"stopping_early: wallclock_cap train_time: {elapsed * 1000:.0f}ms step: {step}/{hp.iterations}")
@@ -2503,10 +2555,13 @@ def _ttt_rows(val_tokens, docs, batch, c, C, ctx, n_rows):
 
 
 def ttt_score_docs(model: GPT, val: ValidationData, docs, my_docs: list[int], hp: Hyperparameters, rt: Runtime,
-                   board: ScoreBoard, grad_steps: int) -> None:
+                   board: ScoreBoard, grad_steps: int, plan: "TTTPlan | None" = None, later_s: float = 0.0) -> None:
     """Score-first TTT: for each batch of documents and each chunk, score the chunk with the current
     per-document adapters, then train the adapters on that already-scored chunk. Adapters reset per batch.
-    A batch runs as forwards of ttt_rows_per_forward() documents (fixed row count, dynamic width)."""
+    A batch runs as forwards of ttt_rows_per_forward() documents (fixed row count, dynamic width). With a
+    plan, each batch takes the most grad steps (up to grad_steps, down to 0 = score only) that still let this
+    rank's rest of the pass plus `later_s` of planned later work end by the eval deadline. Rank-local: no
+    collective here (ranks hold different numbers of batches)."""
     C, ctx = hp.ttt_chunk_size, hp.ttt_eval_seq_len
     lengths = {d: docs[d][1] for d in my_docs}
     order = sorted(my_docs, key=lambda d: -lengths[d])  # similar lengths share a batch
@@ -2523,8 +2578,12 @@ def ttt_score_docs(model: GPT, val: ValidationData, docs, my_docs: list[int], hp
     fwd = maybe_compile(model, hp, rt.device)
     for p in model.parameters():
         p.requires_grad_(False)
+    left = sum(lengths[d] - 1 for d in order)
     for b0 in range(0, len(order), hp.ttt_batch_size):
         batch = order[b0: b0 + hp.ttt_batch_size]
+        batch_tokens = sum(lengths[d] - 1 for d in batch)
+        steps = grad_steps if plan is None else plan.batch_grad_steps(left, grad_steps, later_s)
+        t_batch = plan.clock() if plan is not None else 0.0
         opt = None
         if lora is not None:
             with torch.no_grad():
@@ -2538,8 +2597,8 @@ def ttt_score_docs(model: GPT, val: ValidationData, docs, my_docs: list[int], hp
         for c in range(n_chunks):
             X, Y, spans = _ttt_rows(val.tokens, docs, batch, c, C, ctx, -(-len(batch) // rows) * rows)
             X, Y = X.to(rt.device), Y.to(rt.device)
-            train_more = lora is not None and grad_steps > 0 and any(sp is not None and sp.trains for sp in spans)
-            for g in range(max(1, grad_steps if train_more else 1)):
+            train_more = lora is not None and steps > 0 and any(sp is not None and sp.trains for sp in spans)
+            for g in range(max(1, steps if train_more else 1)):
                 for lo in range(0, X.size(0), rows):
                     mine = [(i, sp) for i, sp in enumerate(spans[lo: lo + rows], lo) if sp is not None]
                     if g and not any(sp.trains for _, sp in mine):
@@ -2560,6 +2619,10 @@ def ttt_score_docs(model: GPT, val: ValidationData, docs, my_docs: list[int], hp
                 if train_more:
                     opt.step()
                     opt.zero_grad(set_to_none=True)
+        if plan is not None:
+            sync_device(rt.device)
+            plan.observe(plan.score_s(batch_tokens, steps), plan.clock() - t_batch)
+        left -= batch_tokens
     for p in model.parameters():
         p.requires_grad_(True)
 
@@ -2604,83 +2667,143 @@ def global_sgd_on_scored(model: GPT, val: ValidationData, docs, scored: list[int
     model.eval()
 
 
-def plan_ttt_adaptation(budget_s: float, spent_s: float, n_score_tokens: int, score_tok_s: float,
-                        prefix_tokens_per_phase: list[int], sgd_tok_s: float, grad_steps: int) -> tuple[int, int]:
-    """Fit the adaptation into the eval budget from measured throughput: (phases kept, grad steps). Scoring
-    is never dropped; phases go first (the latest, most expensive ones), then extra grad steps."""
-    phases = len(prefix_tokens_per_phase)
+class TTTPlan:
+    """The clock of the TTT eval against EVAL_TIME_BUDGET. Cost per token, from the throughput probe: scoring
+    `c_score`, plus `c_train` per LoRA grad step, global SGD `c_sgd`; every prediction is scaled by `drift`, the
+    ratio of measured to predicted time of the work done so far (a machine that slows down shows up there).
+    Scoring every token is mandatory; what gets cut is adaptation: the latest global SGD phases first (at phase
+    boundaries, agreed by all ranks), then LoRA grad steps per batch down to score-only (rank-local)."""
 
-    def cost(ph, gs):
-        score = n_score_tokens * max(gs, 1) / max(score_tok_s, 1e-9)
-        return score + sum(prefix_tokens_per_phase[:ph]) / max(sgd_tok_s, 1e-9)
-    left = budget_s - spent_s
-    while phases > 0 and cost(phases, grad_steps) > left:
-        phases -= 1
-    while grad_steps > 1 and cost(phases, grad_steps) > left:
-        grad_steps -= 1
-    return phases, grad_steps
+    def __init__(self, rates: "TTTThroughput", grad_steps: int, deadline: float, clock=time.perf_counter):
+        self.c_score = 1.0 / max(rates.score_only_tok_s, 1e-9)
+        self.c_train = max(1.0 / max(rates.score_tok_s, 1e-9) - self.c_score, 0.0) / max(grad_steps, 1)
+        self.c_sgd = 1.0 / max(rates.sgd_tok_s, 1e-9)
+        self.deadline, self.clock = deadline, clock
+        self.measured = self.predicted = self.last = 0.0
+        self.cuts = {"batches": 0, "fewer_grad_steps": 0, "score_only": 0, "phases_dropped": 0}
+        self.why = ""
+
+    @property
+    def drift(self) -> float:
+        """Measured / predicted time: over all the work so far, or of the latest piece if that is worse (a
+        machine that just slowed down is acted on at once, not averaged away)."""
+        return max(self.measured / self.predicted if self.predicted > 0 else 1.0, self.last)
+
+    def score_s(self, tokens: float, grad_steps: int) -> float:
+        return tokens * (self.c_score + grad_steps * self.c_train)
+
+    def observe(self, predicted_s: float, measured_s: float) -> None:
+        self.predicted += predicted_s
+        self.measured += measured_s
+        self.last = measured_s / max(predicted_s, 1e-9)
+
+    def fits(self, nominal_s: float) -> bool:
+        return self.drift * nominal_s <= self.deadline - self.clock()
+
+    def phases_and_steps(self, score_tokens: float, sgd_tokens: list[float], grad_steps: int) -> tuple[int, int]:
+        """(global SGD phases kept, grad steps) for the rest of the eval: drop the latest phases first, then
+        grad steps; scoring is never dropped."""
+        kept = len(sgd_tokens)
+
+        def nominal(ph, gs):
+            return self.score_s(score_tokens, gs) + sum(sgd_tokens[:ph]) * self.c_sgd
+        while kept > 0 and not self.fits(nominal(kept, grad_steps)):
+            kept -= 1
+        while grad_steps > 0 and not self.fits(nominal(kept, grad_steps)):
+            grad_steps -= 1
+        if kept < len(sgd_tokens) or not self.fits(nominal(kept, grad_steps)):
+            self.why = (f"projected {self.drift * nominal(len(sgd_tokens), grad_steps):.0f}s of TTT left, "
+                        f"{self.deadline - self.clock():.0f}s to the deadline, drift x{self.drift:.2f}")
+        return kept, grad_steps
+
+    def batch_grad_steps(self, pass_tokens: float, grad_steps: int, later_s: float) -> int:
+        steps = grad_steps
+        while steps > 0 and not self.fits(self.score_s(pass_tokens, steps) + later_s):
+            steps -= 1
+        self.cuts["batches"] += 1
+        if steps < grad_steps:
+            self.cuts["fewer_grad_steps" if steps else "score_only"] += 1
+            self.why = (f"projected {self.drift * (self.score_s(pass_tokens, grad_steps) + later_s):.0f}s of TTT "
+                        f"left, {self.deadline - self.clock():.0f}s to the deadline, drift x{self.drift:.2f}")
+        return steps
 
 
 def eval_ttt(model: GPT, val: ValidationData, hp: Hyperparameters, rt: Runtime, stage: str, phased: bool,
-             keep_losses: bool = False, eval_t0: float | None = None, log=print) -> EvalResult:
+             keep_losses: bool = False, eval_t0: float | None = None, log=print, clock=time.perf_counter) -> EvalResult:
     """Score-first TTT over the validation documents. With `phased`, the first PHASED_TTT_PREFIX_DOCS
     documents are scored in PHASED_TTT_NUM_PHASES parts; after each part the base weights take global SGD
     on every document scored so far; the rest is scored with the final base. Documents are spread over
-    ranks by length; sums are combined with collectives."""
-    t0 = time.perf_counter()
-    eval_t0 = eval_t0 or t0
+    ranks by length; sums are combined with collectives. A TTTPlan keeps the whole eval (from eval_t0) inside
+    EVAL_TIME_BUDGET by cutting adaptation, re-planned at every phase boundary and before every batch."""
+    t0 = clock()
+    eval_t0 = t0 if eval_t0 is None else eval_t0
     docs = find_docs(val.tokens, model.bos_id)
     lengths = [L - 1 for _, L in docs]
     board = ScoreBoard(val, rt.device, keep_losses)
     model.eval()
-    grad_steps = hp.ttt_grad_steps
     n_prefix = min(hp.phased_ttt_prefix_docs, len(docs)) if phased and hp.phased_ttt_num_phases > 0 else 0
     P = hp.phased_ttt_num_phases if n_prefix else 0
     bounds = sorted({n_prefix * (p + 1) // P for p in range(P)} - {0})  # no empty phase
-    P = len(bounds)
-    if P:
-        t_probe = time.perf_counter()
-        rate_score, rate_sgd, warmup_s = measure_ttt_throughput(model, hp, rt)
-        log(f"ttt_warmup: throughput probe on synthetic tokens {time.perf_counter() - t_probe:.1f}s, compile "
-            f"warm-up {warmup_s:.1f}s (score+train {rate_score:.0f} tok/s, global sgd {rate_sgd:.0f} tok/s)")
-        cum = [sum(lengths[:b]) for b in bounds]
-        kept, grad_steps = plan_ttt_adaptation(hp.eval_time_budget, time.perf_counter() - eval_t0,
-                                               sum(lengths) / rt.world_size, rate_score,
-                                               [c / rt.world_size for c in cum], rate_sgd, grad_steps)
-        plan = all_reduce_(torch.tensor([kept, grad_steps], device=rt.device),
-                           dist.ReduceOp.MIN if dist.is_initialized() else None)  # one plan for all ranks
-        kept, grad_steps = int(plan[0]), int(plan[1])
-        if kept < P:
-            log(f"ttt_budget: keeping {kept}/{P} phases, grad_steps {grad_steps} to fit EVAL_TIME_BUDGET="
-                f"{hp.eval_time_budget:.0f}s (score {rate_score:.0f} tok/s, sgd {rate_sgd:.0f} tok/s)")
-            bounds, P = bounds[:kept], kept
-        log(f"ttt_phased: total_docs:{len(docs)} prefix_docs:{bounds[-1] if bounds else 0} "
-            f"suffix_docs:{len(docs) - (bounds[-1] if bounds else 0)} num_phases:{P} boundaries:{bounds}")
-    done = 0
-    for p, b in enumerate(bounds):
-        part = list(range(done, b))
+    rates = measure_ttt_throughput(model, hp, rt, clock)
+    log(f"ttt_warmup: throughput probe on synthetic tokens {clock() - t0:.1f}s, compile warm-up {rates.warmup_s:.1f}s "
+        f"(score only {rates.score_only_tok_s:.0f} tok/s, score+train {rates.score_tok_s:.0f} tok/s, global sgd "
+        f"{rates.sgd_tok_s:.0f} tok/s)")
+    plan = TTTPlan(rates, hp.ttt_grad_steps, eval_t0 + hp.eval_time_budget, clock)
+    prefix_tokens = [sum(docs[d][1] for d in range(b)) / rt.world_size for b in bounds]  # global SGD per phase
+    done, p, planned = 0, 0, len(bounds)
+    while True:  # every rank runs the same iterations: the plan is agreed at each phase boundary
+        left_tokens = (sum(lengths) - sum(lengths[:done])) / rt.world_size
+        kept, steps = plan.phases_and_steps(left_tokens, prefix_tokens[p:len(bounds)], hp.ttt_grad_steps)
+        agreed = all_reduce_(torch.tensor([kept, steps], device=rt.device),
+                             dist.ReduceOp.MIN if dist.is_initialized() else None)
+        kept, steps = int(agreed[0]), int(agreed[1])
+        if p + kept < len(bounds):
+            plan.cuts["phases_dropped"] += len(bounds) - p - kept
+            log(f"ttt_budget: keeping {p + kept}/{planned} phases, grad_steps {steps} ({plan.why})")
+            bounds = bounds[:p + kept]
+        if p == 0:
+            log(f"ttt_phased: total_docs:{len(docs)} prefix_docs:{bounds[-1] if bounds else 0} suffix_docs:"
+                f"{len(docs) - (bounds[-1] if bounds else 0)} num_phases:{len(bounds)} boundaries:{bounds}")
+        if p == len(bounds):
+            break
+        part = list(range(done, bounds[p]))
+        later = plan.score_s(left_tokens - sum(lengths[d] for d in part) / rt.world_size, steps) + \
+            sum(prefix_tokens[p:len(bounds)]) * plan.c_sgd
         ttt_score_docs(model, val, docs, balance_docs(part, lengths, rt.world_size)[rt.rank], hp, rt, board,
-                       grad_steps)
-        global_sgd_on_scored(model, val, docs, list(range(0, b)), hp, rt)
-        log(f"ttpp: phase:{p + 1}/{P} gd:{b} t:{time.perf_counter() - t0:.1f}s")
-        done = b
+                       steps, plan, later)
+        t_sgd = clock()
+        global_sgd_on_scored(model, val, docs, list(range(0, bounds[p])), hp, rt)
+        sync_device(rt.device)
+        plan.observe(prefix_tokens[p] * plan.c_sgd, clock() - t_sgd)
+        log(f"ttpp: phase:{p + 1}/{len(bounds)} gd:{bounds[p]} t:{clock() - t0:.1f}s")
+        done, p = bounds[p], p + 1
     rest = list(range(done, len(docs)))
-    ttt_score_docs(model, val, docs, balance_docs(rest, lengths, rt.world_size)[rt.rank], hp, rt, board, grad_steps)
+    ttt_score_docs(model, val, docs, balance_docs(rest, lengths, rt.world_size)[rt.rank], hp, rt, board, steps, plan)
+    cuts = all_reduce_(torch.tensor([plan.cuts[k] for k in ("batches", "fewer_grad_steps", "score_only")],
+                                    device=rt.device))
+    cuts = dict(zip(("batches", "fewer_grad_steps", "score_only"), (int(c) for c in cuts)),
+                phases_dropped=plan.cuts["phases_dropped"], grad_steps=steps)
+    if cuts["fewer_grad_steps"] or cuts["score_only"] or cuts["phases_dropped"] or steps < hp.ttt_grad_steps:
+        log(f"ttt_budget: to keep EVAL_TIME_BUDGET={hp.eval_time_budget:.0f}s cut {cuts['phases_dropped']} global SGD "
+            f"phases, grad steps {hp.ttt_grad_steps} -> {steps} for the last pass, {cuts['fewer_grad_steps']} of "
+            f"{cuts['batches']} batches to fewer and {cuts['score_only']} to score-only (every token still scored); "
+            f"rank 0's last reason: {plan.why}")
     res = board.result(stage, t0)
-    res.info = {"phases": P, "boundaries": bounds, "grad_steps": grad_steps, "docs": len(docs)}
+    res.info = {"phases": len(bounds), "boundaries": bounds, "grad_steps": steps, "docs": len(docs), "cuts": cuts}
     return res
 
 
 class TTTThroughput(NamedTuple):
-    score_tok_s: float   # LoRA score + train, tokens scored per second
-    sgd_tok_s: float     # global SGD, tokens per second
-    warmup_s: float      # the untimed first pass (compiled runs: the TTT graphs' compile time)
+    score_only_tok_s: float  # TTT scoring without adaptation, tokens per second
+    score_tok_s: float       # LoRA score + TTT_GRAD_STEPS train steps, tokens scored per second
+    sgd_tok_s: float         # global SGD, tokens per second
+    warmup_s: float          # the untimed first pass (compiled runs: the TTT graphs' compile time)
 
 
-def measure_ttt_throughput(model: GPT, hp: Hyperparameters, rt: Runtime) -> TTTThroughput:
-    """Tokens/s of LoRA score+train (one full forward of documents, 4 chunks each) and of global SGD (one
-    GLOBAL_TTT_CHUNK_TOKENS chunk), on random tokens (never validation data). Compiled runs go through the
-    probe once untimed first: that is the compile warm-up of the TTT graphs."""
+def measure_ttt_throughput(model: GPT, hp: Hyperparameters, rt: Runtime, clock=time.perf_counter) -> TTTThroughput:
+    """Tokens/s of TTT scoring alone and with LoRA training (one full forward of documents, 4 chunks each) and
+    of global SGD (one GLOBAL_TTT_CHUNK_TOKENS chunk), on random tokens (never validation data). Compiled runs
+    go through the probe once untimed first: that is the compile warm-up of the TTT graphs."""
     gen = torch.Generator().manual_seed(0)
     n_docs, L = ttt_rows_per_forward(hp), min(hp.ttt_eval_seq_len, 4 * hp.ttt_chunk_size) + 1
     seq = hp.ttt_eval_seq_len
@@ -2695,23 +2818,27 @@ def measure_ttt_throughput(model: GPT, hp: Hyperparameters, rt: Runtime) -> TTTT
     sgd_val, sgd_docs = synthetic(n_sgd, seq + 1)
     snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
     fake_rt = dataclasses.replace(rt, rank=0, world_size=1)
-    rates, warmup_s = [], 0.0
-    for timed in ([False, True] if compile_enabled(hp, rt.device) else [True]):
-        board = ScoreBoard(score_val, rt.device, False)
+
+    def timed(fn) -> float:
         sync_device(rt.device)
-        t0 = time.perf_counter()
-        ttt_score_docs(model, score_val, score_docs, list(range(len(score_docs))), hp, fake_rt, board,
-                       hp.ttt_grad_steps)
+        t = clock()
+        fn()
         sync_device(rt.device)
-        t1 = time.perf_counter()
-        global_sgd_on_scored(model, sgd_val, sgd_docs, list(range(len(sgd_docs))), hp, fake_rt)
-        sync_device(rt.device)
-        if timed:
-            rates = [score_val.num_targets / max(t1 - t0, 1e-9), n_sgd / max(time.perf_counter() - t1, 1e-9)]
-        else:
-            warmup_s = time.perf_counter() - t0
+        return max(clock() - t, 1e-9)
+    rates, warmup_s = None, 0.0
+    for measure in ([False, True] if compile_enabled(hp, rt.device) else [True]):
+        times = [timed(lambda gs=gs: ttt_score_docs(model, score_val, score_docs, list(range(len(score_docs))), hp,
+                                                      fake_rt, ScoreBoard(score_val, rt.device, False), gs))
+                 for gs in (0, hp.ttt_grad_steps)]
+        times.append(timed(lambda: global_sgd_on_scored(model, sgd_val, sgd_docs, list(range(len(sgd_docs))), hp,
+                                                         fake_rt)))
         model.load_state_dict(snapshot)
-    return TTTThroughput(rates[0], rates[1], warmup_s)
+        if measure:
+            n = score_val.num_targets
+            rates = (n / times[0], n / times[1], n_sgd / times[2])
+        else:
+            warmup_s = sum(times)
+    return TTTThroughput(*rates, warmup_s)
 
 
 # =============================================================================================

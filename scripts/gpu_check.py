@@ -424,7 +424,8 @@ def summarize(d: str) -> int:
                 f"peak {mib(e['peak_mem_mib'])}")
         if "ttt" in r:
             t = r["ttt"]
-            add("ttt_throughput", True, f"score+train {t['score_tok_s']:,.0f} tok/s, global SGD {t['sgd_tok_s']:,.0f} "
+            add("ttt_throughput", True, f"score {t['score_only_tok_s']:,.0f}, score+train {t['score_tok_s']:,.0f}, "
+                f"global SGD {t['sgd_tok_s']:,.0f} "
                 f"tok/s, {t['rows_per_forward']} docs/forward, peak {mib(t['peak_mem_mib'])}")
         if "hessian" in r:
             h = r["hessian"]

@@ -118,13 +118,22 @@ def test_ttt_improves_on_repetitive_documents(tmp_path):
     assert ttt.val_loss < plain.val_loss - 0.05
 
 
-def test_plan_ttt_adaptation_fits_budget():
-    # scoring 1e6 tokens at 1e4 tok/s = 100 s; phases cost 50 s and 100 s of SGD at 1e3 tok/s
-    assert T.plan_ttt_adaptation(400, 0, 10**6, 1e4, [5 * 10**4, 10**5], 1e3, 1) == (2, 1)
-    assert T.plan_ttt_adaptation(220, 0, 10**6, 1e4, [5 * 10**4, 10**5], 1e3, 1) == (1, 1)
-    assert T.plan_ttt_adaptation(120, 0, 10**6, 1e4, [5 * 10**4, 10**5], 1e3, 1) == (0, 1)
-    assert T.plan_ttt_adaptation(250, 0, 10**6, 1e4, [], 1e3, 4) == (0, 2)
-    assert T.plan_ttt_adaptation(10, 0, 10**6, 1e4, [10], 1e3, 3) == (0, 1)  # scoring is never dropped
+def test_ttt_plan_cuts_adaptation_never_scoring():
+    """1e6 tokens to score: 50 s scoring alone, +50 s with one grad step; global SGD phases of 50 s and 100 s.
+    Phases go first (the latest), then grad steps down to score-only; a measured slowdown (drift) counts."""
+    rates = T.TTTThroughput(score_only_tok_s=2e4, score_tok_s=1e4, sgd_tok_s=1e3, warmup_s=0.0)
+    now = [0.0]
+
+    def fit(budget, plan=None):
+        plan = plan or T.TTTPlan(rates, 1, budget, lambda: now[0])
+        return plan.phases_and_steps(1e6, [5e4, 1e5], 1)
+    assert fit(400) == (2, 1) and fit(220) == (1, 1) and fit(120) == (0, 1)
+    assert fit(60) == (0, 0) and fit(10) == (0, 0)  # score-only; below that scoring still happens
+    slow = T.TTTPlan(rates, 1, 400, lambda: now[0])
+    slow.observe(10.0, 20.0)  # the work so far took twice the predicted time
+    assert slow.drift == 2.0 and fit(400, slow) == (1, 1) and "drift x2.00" in slow.why
+    now[0] = 350.0  # 50 s left: at drift 2, even one grad step on the last 0.5e6 tokens does not fit
+    assert slow.batch_grad_steps(0.5e6, 1, 0.0) == 0 and slow.cuts["score_only"] == 1
 
 
 def _eval_worker(rank, world):

@@ -1,0 +1,128 @@
+"""The two time budgets under jitter, on fake clocks: MAX_WALLCLOCK_SECONDS for training + Hessians (an
+impossible one refused before training), EVAL_TIME_BUDGET for the whole eval (TTT cuts adaptation, never
+scoring)."""
+import pytest
+import torch
+
+from conftest import T, cpu_runtime, randomize, tiny_hp
+
+# The training tests run a few dozen real steps of the smallest model (the fake clock decides the budget).
+SMALL = dict(NUM_LAYERS="2", LOOP_START="0", LOOP_END="0", PARALLEL_START_LAYER="1", XSA_LAST_N="2",
+             TRAIN_BATCH_TOKENS="1024")
+
+
+def fake_training(monkeypatch, step_s, hessian_batch_s):
+    """A fake clock: optimizer step n costs step_s(n) seconds, a Hessian batch hessian_batch_s(now) (a slower
+    machine makes both slower). Returns (clock, steps taken, Hessian seconds the real collection would take)."""
+    now, steps = [0.0], [0]
+
+    def hessians(model, loader, batches, hp, rt):
+        now[0] += hessian_batch_s(now[0]) * batches
+        return {}
+    monkeypatch.setattr(T, "collect_hessians", hessians)
+    real_step = T.Optimizers.step
+
+    def step(self):
+        now[0] += step_s(steps[0])
+        steps[0] += 1
+        return real_step(self)
+    monkeypatch.setattr(T.Optimizers, "step", step)
+    return (lambda: now[0]), steps, (lambda batches: hessian_batch_s(now[0]) * batches)
+
+
+def run_train(hp, tmp_path, clock):
+    sp = T.load_tokenizer(hp.tokenizer_path, hp.vocab_size)
+    model = T.GPT(hp, T.build_byte_luts(sp, hp.vocab_size).bos_id, "sdpa")
+    return T.train(hp, cpu_runtime(tmp_path), model, T.list_shards(hp.data_path, "train"), None, None, clock=clock)[0]
+
+
+def test_budget_without_training_time_is_refused_before_training(sample, tmp_path, monkeypatch):
+    """PRESET=sota at a small shape once reserved 872 s of Hessians out of 300 s and trained one step. Now a
+    config error, naming the three settings and the numbers, before any training step."""
+    clock, steps, _ = fake_training(monkeypatch, lambda n: 1.0, lambda now: 6.0)
+    hp = tiny_hp(**sample, **SMALL, MAX_WALLCLOCK_SECONDS="100", GPTQ_CALIBRATION_BATCHES="16",
+                 GPTQ_RESERVE_SECONDS="2")
+    with pytest.raises(T.ConfigError) as e:
+        run_train(hp, tmp_path, clock)
+    msg = str(e.value)  # 16 x 6 s x 1.5 = 144 s of Hessians in a 100 s budget
+    for part in ("MAX_WALLCLOCK_SECONDS=100", "GPTQ_CALIBRATION_BATCHES=16", "CALIBRATION_BATCH_TOKENS=1024",
+                 "144.0s", "6.00s per batch"):
+        assert part in msg, (part, msg)
+    assert steps[0] == 0
+    ok = tiny_hp(**sample, **SMALL, MAX_WALLCLOCK_SECONDS="400", GPTQ_CALIBRATION_BATCHES="16", ITERATIONS="2")
+    assert run_train(ok, tmp_path, clock).steps == 2  # 400 - 144 - 2 = 254 s left: over half, accepted
+
+
+@pytest.mark.parametrize("offset", [0, 3])
+def test_stop_rule_holds_with_recurring_slow_steps(sample, tmp_path, monkeypatch, offset):
+    """One step in ten takes 5x the others. The mean-of-all-steps rule ran 3 s into the reserved Hessian time
+    when a slow step came last (offset 0); the slowest-of-recent-steps rule never does."""
+    clock, _, actual_hessians = fake_training(monkeypatch, lambda n: 5.0 if (n + offset) % 10 == 0 else 1.0,
+                                              lambda now: 1.0)
+    hp = tiny_hp(**sample, **SMALL, MAX_WALLCLOCK_SECONDS="80", GPTQ_CALIBRATION_BATCHES="4",
+                 GPTQ_RESERVE_SECONDS="2", ITERATIONS="0", WARMUP_STEPS="0", EMA_DECAY="0")
+    res = run_train(hp, tmp_path, clock)
+    assert res.stop_reason == "wallclock_cap" and res.steps > 40
+    assert res.train_time_ms / 1000 + res.hessian_estimate_s + hp.gptq_reserve_seconds <= 80
+    assert res.train_time_ms / 1000 + actual_hessians(4) <= 80
+
+
+def test_hessian_reserve_follows_a_slowdown(sample, tmp_path, monkeypatch):
+    """The machine gets 2x slower after 30 steps (steps and calibration alike): the reserved Hessian time grows
+    with the measured step slowdown, so training + the real (slower) Hessian collection still fits."""
+    clock, _, actual_hessians = fake_training(monkeypatch, lambda n: 1.0 if n < 30 else 2.0,
+                                              lambda now: 2.0 if now > 30 else 1.0)
+    hp = tiny_hp(**sample, **SMALL, MAX_WALLCLOCK_SECONDS="120", GPTQ_CALIBRATION_BATCHES="20",
+                 GPTQ_RESERVE_SECONDS="1", ITERATIONS="0", WARMUP_STEPS="0", EMA_DECAY="0")
+    res = run_train(hp, tmp_path, clock)
+    assert res.hessian_estimate_s == pytest.approx(2 * T.HESSIAN_ESTIMATE_SAFETY * 20 * 1.0)
+    assert res.train_time_ms / 1000 + actual_hessians(20) <= 120 - 1  # 40 s of Hessians now, not the 20 probed
+
+
+def slowed_forward(monkeypatch, slow_after_s, factor):
+    """A fake clock charged by every model forward: 1 ms per token without gradients, 3 ms with (forward +
+    backward), times `factor` once the clock passes slow_after_s."""
+    now = [0.0]
+    real = T.GPT.forward
+
+    def forward(self, ids, *a, **k):
+        out = real(self, ids, *a, **k)
+        cost = ids.numel() * 1e-3 * (3.0 if torch.is_grad_enabled() else 1.0)
+        now[0] += cost * (factor if now[0] > slow_after_s else 1.0)
+        return out
+    monkeypatch.setattr(T.GPT, "forward", forward)
+    return lambda: now[0]
+
+
+def ttt_eval(hp, val, tmp_path, clock, logs):
+    torch.manual_seed(0)
+    model = randomize(T.GPT(hp, 1, "sdpa"), scale=0.05)
+    model.looping = True
+    t0 = clock()
+    res = T.eval_ttt(model, val, hp, cpu_runtime(tmp_path), "ttt", True, True, t0, logs.append, clock)
+    return res, clock() - t0
+
+
+def test_eval_budget_holds_when_ttt_slows_down(monkeypatch, tmp_path):
+    """The throughput probe once said 126 tok/s, scoring then ran at ~50 and eval took 677 s of 180. Here the
+    machine gets 4x slower a third of the way through: TTT re-plans from measured progress, drops adaptation
+    (global SGD phases, grad steps, down to score-only batches) and still scores every token once, in budget."""
+    from test_cuda_nets import synthetic_val
+    val = synthetic_val(6000, 40, 5)
+    hp = tiny_hp(PHASED_TTT_PREFIX_DOCS="20", PHASED_TTT_NUM_PHASES="2", TTT_BATCH_SIZE="4", TTT_GRAD_STEPS="2",
+                 EVAL_TIME_BUDGET="1000")
+    logs = []
+    res, nominal = ttt_eval(hp, val, tmp_path, slowed_forward(monkeypatch, 1e9, 1.0), logs)
+    c = res.info["cuts"]
+    assert (c["fewer_grad_steps"], c["score_only"], c["phases_dropped"], c["grad_steps"]) == (0, 0, 0, 2)
+    budget = 1.25 * nominal
+    hp = tiny_hp(PHASED_TTT_PREFIX_DOCS="20", PHASED_TTT_NUM_PHASES="2", TTT_BATCH_SIZE="4", TTT_GRAD_STEPS="2",
+                 EVAL_TIME_BUDGET=str(budget))
+    logs = []
+    res, took = ttt_eval(hp, val, tmp_path, slowed_forward(monkeypatch, nominal / 3, 4.0), logs)
+    cuts = res.info["cuts"]
+    assert took <= budget, (took, budget, cuts)
+    assert res.tokens == val.num_targets  # every token scored exactly once (ScoreBoard checks it with keep_losses)
+    assert cuts["fewer_grad_steps"] + cuts["score_only"] + cuts["phases_dropped"] > 0
+    assert any(line.startswith("ttt_budget: to keep EVAL_TIME_BUDGET") and "every token still scored" in line
+               for line in logs), logs
