@@ -126,3 +126,13 @@ def test_eval_budget_holds_when_ttt_slows_down(monkeypatch, tmp_path):
     assert cuts["fewer_grad_steps"] + cuts["score_only"] + cuts["phases_dropped"] > 0
     assert any(line.startswith("ttt_budget: to keep EVAL_TIME_BUDGET") and "every token still scored" in line
                for line in logs), logs
+
+
+def test_ttt_row_tokens_is_the_sum_over_chunks():
+    """TTTPlan's unit of work: the tokens of every TTT row a document produces (closed form vs the sum)."""
+    def rows_of(length, C, ctx):
+        pred = length - 1
+        return sum(min(min((c + 1) * C, pred), ctx) for c in range(-(-pred // C)))
+    for length in (2, 3, 48, 49, 97, 1000, 2049, 5000):
+        for C, ctx in ((48, 2048), (32, 128), (64, 64), (48, 2560)):
+            assert T.ttt_row_tokens(length, C, ctx) == rows_of(length, C, ctx), (length, C, ctx)

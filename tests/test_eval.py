@@ -133,7 +133,9 @@ def test_ttt_plan_cuts_adaptation_never_scoring():
     slow.observe(10.0, 20.0)  # the work so far took twice the predicted time
     assert slow.drift == 2.0 and fit(400, slow) == (1, 1) and "drift x2.00" in slow.why
     now[0] = 350.0  # 50 s left: at drift 2, even one grad step on the last 0.5e6 tokens does not fit
-    assert slow.batch_grad_steps(0.5e6, 1, 0.0) == 0 and slow.cuts["score_only"] == 1
+    assert slow.grad_steps_for(0.5e6, 1, 0.0) == 0 and slow.grad_steps_for(0.1e6, 1, 0.0) == 1
+    slow.count_batch(1, 0)
+    assert slow.cuts["score_only"] == 1 and slow.cuts["batches"] == 1
 
 
 def _eval_worker(rank, world):
