@@ -7,18 +7,23 @@ Importing this file has no side effects; tests import its functions.
 """
 from __future__ import annotations
 
+import ast
+import base64
+import copy
 import dataclasses
 import datetime
+import functools
 import glob
 import hashlib
 import io
 import json
 import lzma
-import base64
 import math
 import os
 import platform
+import random
 import struct
+import subprocess
 import sys
 import time
 import uuid
@@ -27,267 +32,19 @@ from dataclasses import dataclass, field, fields
 from typing import NamedTuple
 
 import numpy as np
+import sentencepiece as spm
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+import zstandard
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 # =============================================================================================
 # Config: Hyperparameters (one field per env var), presets, validation.
 # =============================================================================================
 
 ARTIFACT_LIMIT_BYTES = 16_000_000  # challenge cap, decimal bytes (spec §6.4)
-
-
-@dataclass
-class Hyperparameters:
-    """Every field is read from the env var of the same name in upper case. Defaults = `sota`."""
-    preset: str = "sota"
-    # data and run identity
-    data_dir: str = "./data"
-    data_path: str = ""            # "" = derived from data_dir / vocab_size / caseops_enabled
-    tokenizer_path: str = ""       # "" = derived likewise
-    vocab_size: int = 8192
-    caseops_enabled: bool = True
-    run_id: str = ""               # "" = random
-    seed: int = 1337
-    artifact_dir: str = ""         # "" = runs/<run_id>
-    train_loader: str = "packed"   # packed (document packing) | shuffled (random sequences)
-    val_max_tokens: int = 0        # 0 = the whole validation set (anything else is not a challenge score)
-    # schedule and budget
-    iterations: int = 20000
-    max_wallclock_seconds: float = 600.0
-    gptq_reserve_seconds: float = 8.0   # fixed margin on top of the measured Hessian estimate (spec §11)
-    warmup_steps: int = 20              # compile warm-up steps, rolled back before the timer starts
-    lr_warmup_steps: int = 0
-    warmdown_frac: float = 0.85
-    min_lr: float = 0.1
-    train_batch_tokens: int = 786_432
-    train_seq_len: int = 2048
-    eval_seq_len: int = 2048
-    eval_stride: int = 0                # 0 = no sliding-window eval; else its stride
-    val_loss_every: int = 0
-    val_batch_tokens: int = 524_288
-    train_log_every: int = 500
-    # model
-    num_layers: int = 11
-    model_dim: int = 512
-    num_heads: int = 8
-    num_kv_heads: int = 4
-    mlp_mult: float = 4.0
-    mlp_negative_slope: float = 0.5     # 0 = relu^2 (baseline), 0.5 = LeakyReLU(0.5)^2
-    tie_embeddings: bool = True
-    logit_softcap: float = 30.0
-    rope_base: float = 10000.0
-    rope_dims: int = 16                 # 0 = rotate the whole head dim
-    rope_yarn: bool = False
-    ln_scale: bool = True
-    qk_gain_init: float = 5.0
-    xsa_last_n: int = 11
-    skip_gates_enabled: bool = True
-    num_loops: int = 2
-    loop_start: int = 3
-    loop_end: int = 5
-    enable_looping_at: float = 0.35
-    parallel_start_layer: int = 8       # 0 = off
-    parallel_final_lane: str = "mean"   # mean | attn | mlp
-    smear_gate_enabled: bool = True
-    gate_window: int = 12
-    sparse_attn_gate_enabled: bool = True
-    sparse_attn_gate_scale: float = 0.5
-    tied_embed_init_std: float = 0.005
-    attn_backend: str = "auto"          # auto | sdpa | flex | flash3
-    fused_ce_enabled: bool = True       # Triton softcapped CE wherever gradients flow (CUDA only)
-    fused_mlp_enabled: bool = False     # Triton LeakyReLU^2 up-projection (CUDA): off until it beats compiled eager
-    compile: str = "auto"               # auto (CUDA only) | 1 | 0
-    autocast_bf16: str = "auto"         # auto (CUDA only; CPU measured slower, docs/performance.md) | 1 | 0
-    # optimizer
-    embed_lr: float = 0.6
-    tied_embed_lr: float = 0.03
-    matrix_lr: float = 0.026
-    scalar_lr: float = 0.02
-    muon_momentum: float = 0.97
-    muon_backend_steps: int = 5
-    muon_coeffs: str = "polar_express"  # polar_express | standard
-    muon_momentum_warmup_start: float = 0.92
-    muon_momentum_warmup_steps: int = 1500
-    muon_row_normalize: bool = True
-    beta1: float = 0.9
-    beta2: float = 0.99
-    adam_eps: float = 1e-8
-    grad_clip_norm: float = 0.3
-    adam_wd: float = 0.02
-    muon_wd: float = 0.095
-    embed_wd: float = 0.085
-    ema_decay: float = 0.9965
-    # quantization and artifact
-    gptq_calibration_batches: int = 16
-    calibration_batch_tokens: int = 98_304   # tokens per rank per calibration batch (48 x 2048)
-    quant_min_numel: int = 65_536       # float matrices up to this size are stored fp16 (spec §5.3)
-    matrix_bits: int = 6
-    embed_bits: int = 7
-    clip_mode: str = "fixed"            # fixed | adaptive | budget
-    matrix_clip_sigmas: float = 12.85
-    embed_clip_sigmas: float = 14.0
-    mlp_clip_sigmas: float = 11.5
-    attn_clip_sigmas: float = 13.0
-    adaptive_clip_exponent: float = -0.15
-    adaptive_clip_min: float = 6.0
-    adaptive_clip_max: float = 24.0
-    target_artifact_bytes: int = 15_960_000
-    lqer_enabled: bool = True
-    lqer_rank: int = 4
-    lqer_top_k: int = 3
-    lqer_asym_group: int = 64
-    compressor: str = "zstd"            # zstd | lzma | raw
-    save_prequant: bool = True          # write prequant_model.pt + hessians.pt for REQUANT_FROM sweeps
-    requant_from: str = ""              # a saved prequant_model.pt: skip training (reuses hessians.pt beside it)
-    # evaluation
-    eval_only: bool = False
-    artifact: str = ""                  # artifact path for EVAL_ONLY=1
-    eval_time_budget: float = 600.0
-    save_token_losses: str = ""         # "" = off; else a directory for per-token float32 losses
-    ttt_enabled: bool = True
-    ttt_lora_rank: int = 80
-    ttt_lora_lr: float = 1e-4
-    ttt_lora_alpha: float = 144.0
-    ttt_chunk_size: int = 48
-    ttt_eval_seq_len: int = 2048
-    ttt_batch_size: int = 64
-    ttt_grad_steps: int = 1
-    ttt_warm_start_a: bool = False      # 1 = keep A across document batches as the record did; that makes a
-                                        # doc's score depend on docs scored earlier but later in the stream
-    ttt_weight_decay: float = 0.5
-    ttt_beta1: float = 0.0
-    ttt_beta2: float = 0.99
-    phased_ttt_prefix_docs: int = 2500
-    phased_ttt_num_phases: int = 3
-    global_ttt_lr: float = 0.001
-    global_ttt_momentum: float = 0.9
-    global_ttt_chunk_tokens: int = 32768
-    global_ttt_grad_clip: float = 1.0
-
-    # ---- construction -------------------------------------------------------------------
-    @classmethod
-    def from_env(cls, env=None) -> "Hyperparameters":
-        env = os.environ if env is None else env
-        preset = env.get("PRESET", "sota")
-        if preset not in PRESETS:
-            raise ConfigError(f"PRESET={preset!r} is not a preset; choose one of {sorted(PRESETS)}")
-        values = {"preset": preset, **PRESETS[preset]}
-        types = {f.name: f.type for f in fields(cls)}
-        for name in types:
-            raw = env.get(name.upper())
-            if raw is not None and name != "preset":
-                values[name] = _parse_env_value(name.upper(), raw, types[name])
-        hp = cls(**values)
-        hp.unknown_env_warnings = _near_miss_env_vars(env, types)
-        return hp
-
-    def resolved_paths(self) -> tuple[str, str]:
-        if self.caseops_enabled:
-            ds = f"fineweb10B_sp{self.vocab_size}_lossless_caps_caseops_v1_reserved"
-            tok = f"fineweb_{self.vocab_size}_bpe_lossless_caps_caseops_v1_reserved.model"
-        else:
-            ds, tok = f"fineweb10B_sp{self.vocab_size}", f"fineweb_{self.vocab_size}_bpe.model"
-        data = self.data_path or os.path.join(self.data_dir, "datasets", ds)
-        tokz = self.tokenizer_path or os.path.join(self.data_dir, "tokenizers", tok)
-        return data, tokz
-
-    def as_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-    def validate(self, world_size: int = 1, check_files: bool = True) -> None:
-        """Reject impossible values before any data is read; messages name the env var."""
-        def bad(name, why):
-            raise ConfigError(f"{name.upper()}={getattr(self, name)!r}: {why}")
-        positive = ["vocab_size", "train_batch_tokens", "train_seq_len", "eval_seq_len", "val_batch_tokens",
-                    "num_layers", "model_dim", "num_heads", "num_kv_heads", "muon_backend_steps",
-                    "train_log_every", "gate_window", "matrix_bits", "embed_bits", "ttt_chunk_size",
-                    "ttt_batch_size", "ttt_eval_seq_len", "lqer_asym_group", "calibration_batch_tokens",
-                    "global_ttt_chunk_tokens"]
-        for n in positive:
-            if getattr(self, n) <= 0:
-                bad(n, "must be > 0")
-        non_negative = ["iterations", "max_wallclock_seconds", "gptq_reserve_seconds", "warmup_steps",
-                        "lr_warmup_steps", "min_lr", "eval_stride", "val_loss_every", "xsa_last_n",
-                        "num_loops", "parallel_start_layer", "embed_lr", "tied_embed_lr", "matrix_lr",
-                        "scalar_lr", "adam_eps", "grad_clip_norm", "adam_wd", "muon_wd", "embed_wd",
-                        "gptq_calibration_batches", "lqer_rank", "quant_min_numel", "lqer_top_k", "val_max_tokens",
-                        "ttt_lora_rank", "ttt_grad_steps", "phased_ttt_prefix_docs", "phased_ttt_num_phases",
-                        "eval_time_budget", "logit_softcap", "tied_embed_init_std", "rope_dims",
-                        "muon_momentum_warmup_steps"]
-        for n in non_negative:
-            if getattr(self, n) < 0:
-                bad(n, "must be >= 0")
-        for n in ["warmdown_frac", "enable_looping_at", "ema_decay", "beta1", "beta2", "muon_momentum",
-                  "muon_momentum_warmup_start", "ttt_beta1", "ttt_beta2", "mlp_negative_slope"]:
-            if not 0.0 <= getattr(self, n) <= 1.0:
-                bad(n, "must be in [0, 1]")
-        if self.iterations == 0 and self.max_wallclock_seconds == 0:
-            bad("iterations", "and MAX_WALLCLOCK_SECONDS=0: one of them must bound training")
-        if self.model_dim % self.num_heads:
-            bad("model_dim", f"must be divisible by NUM_HEADS={self.num_heads}")
-        if self.num_heads % self.num_kv_heads:
-            bad("num_heads", f"must be divisible by NUM_KV_HEADS={self.num_kv_heads}")
-        head_dim = self.model_dim // self.num_heads
-        if head_dim % 2:
-            bad("model_dim", f"gives an odd head dim {head_dim}; MODEL_DIM/NUM_HEADS must be even")
-        if self.rope_dims > head_dim or self.rope_dims % 2:
-            bad("rope_dims", f"must be even and <= head dim {head_dim} (0 = whole head)")
-        if self.mlp_mult <= 0 or int(self.mlp_mult * self.model_dim) <= 0:
-            bad("mlp_mult", "must be > 0")
-        if world_size <= 0 or 8 % world_size:
-            raise ConfigError(f"WORLD_SIZE={world_size}: must divide 8 (1, 2, 4 or 8 processes)")
-        micro = self.train_batch_tokens // 8
-        if self.train_batch_tokens % 8 or micro % self.train_seq_len:
-            bad("train_batch_tokens", f"must be a multiple of 8*TRAIN_SEQ_LEN={8 * self.train_seq_len}")
-        if self.val_batch_tokens < self.eval_seq_len:
-            bad("val_batch_tokens", f"must be >= EVAL_SEQ_LEN={self.eval_seq_len}")
-        if self.eval_stride > self.eval_seq_len:
-            bad("eval_stride", f"must be <= EVAL_SEQ_LEN={self.eval_seq_len}")
-        if self.num_loops and not (0 <= self.loop_start <= self.loop_end < self.num_layers):
-            bad("loop_start", f"LOOP_START..LOOP_END={self.loop_start}..{self.loop_end} must lie in "
-                f"[0, NUM_LAYERS-1={self.num_layers - 1}]")
-        if self.parallel_start_layer >= self.num_layers:
-            bad("parallel_start_layer", f"must be < NUM_LAYERS={self.num_layers} (0 = off)")
-        if self.gate_window > self.model_dim:
-            bad("gate_window", f"must be <= MODEL_DIM={self.model_dim}")
-        choices = {"train_loader": ("packed", "shuffled"), "parallel_final_lane": ("mean", "attn", "mlp"),
-                   "attn_backend": ("auto", "sdpa", "flex", "flash3"), "compile": ("auto", "0", "1"),
-                   "autocast_bf16": ("auto", "0", "1"), "muon_coeffs": tuple(NS_COEFFICIENTS),
-                   "clip_mode": ("fixed", "adaptive", "budget"), "compressor": tuple(COMPRESSORS)}
-        for n, allowed in choices.items():
-            if getattr(self, n) not in allowed:
-                bad(n, f"must be one of {list(allowed)}")
-        for n in ["matrix_bits", "embed_bits"]:
-            if not 2 <= getattr(self, n) <= 8:
-                bad(n, "must be in [2, 8]")
-        if self.adaptive_clip_min <= 0 or self.adaptive_clip_max < self.adaptive_clip_min:
-            bad("adaptive_clip_min", f"need 0 < ADAPTIVE_CLIP_MIN <= ADAPTIVE_CLIP_MAX={self.adaptive_clip_max}")
-        if self.target_artifact_bytes <= 0 or self.target_artifact_bytes > ARTIFACT_LIMIT_BYTES:
-            bad("target_artifact_bytes", f"must be in (0, {ARTIFACT_LIMIT_BYTES}]")
-        if self.eval_only and not self.artifact:
-            raise ConfigError("EVAL_ONLY=1 needs ARTIFACT=<path of an artifact written by this script>")
-        if not check_files:
-            return
-        for var, path in [("ARTIFACT", self.artifact if self.eval_only else ""),
-                          ("REQUANT_FROM", self.requant_from)]:
-            if path and not os.path.isfile(path):
-                raise ConfigError(f"{var}={path!r}: no such file")
-        data_path, tok_path = self.resolved_paths()
-        fetch = ("fetch it with `python data/cached_challenge_fineweb.py --variant "
-                 f"sp{self.vocab_size}{' --caseops' if self.caseops_enabled else ''}` or build the offline "
-                 "sample with `python data/build_offline_sample.py` (then PRESET=cpu_smoke)")
-        if not glob.glob(os.path.join(data_path, "fineweb_val_*.bin")):
-            raise ConfigError(f"DATA_PATH={data_path!r}: no fineweb_val_*.bin shards there; {fetch}")
-        if not self.eval_only and not glob.glob(os.path.join(data_path, "fineweb_train_*.bin")):
-            raise ConfigError(f"DATA_PATH={data_path!r}: no fineweb_train_*.bin shards there; {fetch}")
-        if not os.path.isfile(tok_path):
-            raise ConfigError(f"TOKENIZER_PATH={tok_path!r}: no such file; {fetch}")
-        if self.caseops_enabled and not glob.glob(os.path.join(data_path, "fineweb_val_bytes_*.bin")):
-            raise ConfigError(f"CASEOPS_ENABLED=1 but DATA_PATH={data_path!r} has no fineweb_val_bytes_*.bin "
-                              "byte sidecar; set CASEOPS_ENABLED=0 or rebuild the data with --caseops")
 
 
 class ConfigError(ValueError):
@@ -328,6 +85,262 @@ _FOREIGN_ENV = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_
                 "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE", "PRESET", "PATH", "HOME"}
 
 
+MODEL, OPTIM, QUANT, EVAL, RUN = "model", "optimizer", "quantization", "evaluation", "run"  # setting groups
+
+
+def setting(default, group: str, lo=None, hi=None, above=None, choices=None, artifact: bool = False):
+    """A Hyperparameters field with what it accepts beside it: lo <= v <= hi, v > above, v in choices (a callable
+    for tables defined further down). The artifact stores every MODEL field and those marked artifact=True:
+    exactly what rebuilding the model from its bytes needs."""
+    return field(default=default, metadata={"group": group, "lo": lo, "hi": hi, "above": above,
+                                            "choices": choices, "artifact": artifact or group == MODEL})
+
+
+@dataclass
+class Hyperparameters:
+    """Every field is read from the env var of the same name in upper case. Defaults = `sota` (spec §9)."""
+    preset: str = setting("sota", RUN)
+    # ---- run: data, identity, schedule and budget ----------------------------------------------------------
+    data_dir: str = setting("./data", RUN)
+    data_path: str = setting("", RUN)              # "" = derived from data_dir / vocab_size / caseops_enabled
+    tokenizer_path: str = setting("", RUN)         # "" = derived likewise
+    caseops_enabled: bool = setting(True, RUN)
+    run_id: str = setting("", RUN)                 # "" = random
+    seed: int = setting(1337, RUN)
+    artifact_dir: str = setting("", RUN)           # "" = runs/<run_id>
+    train_loader: str = setting("packed", RUN, choices=("packed", "shuffled"))  # document packing | random rows
+    val_max_tokens: int = setting(0, RUN, lo=0)    # 0 = the whole validation set (else not a challenge score)
+    extra_env: str = setting("", RUN)              # comma list of deliberate env vars that resemble settings
+    iterations: int = setting(20000, RUN, lo=0)
+    max_wallclock_seconds: float = setting(600.0, RUN, lo=0)
+    warmup_steps: int = setting(20, RUN, lo=0)     # compile warm-up steps, rolled back before the timer starts
+    train_batch_tokens: int = setting(786_432, RUN, above=0)
+    train_seq_len: int = setting(2048, RUN, above=0, artifact=True)  # YaRN stretches beyond it
+    val_loss_every: int = setting(0, RUN, lo=0)
+    train_log_every: int = setting(500, RUN, above=0)
+    attn_backend: str = setting("auto", RUN, choices=("auto", "sdpa", "flex", "flash3"))
+    fused_ce_enabled: bool = setting(True, RUN)    # Triton softcapped CE wherever gradients flow (CUDA only)
+    fused_mlp_enabled: bool = setting(False, RUN)  # Triton LeakyReLU^2 up-projection: off until it beats compiled
+    compile: str = setting("auto", RUN, choices=("auto", "0", "1"))  # auto = CUDA only
+    autocast_bf16: str = setting("auto", RUN, choices=("auto", "0", "1"))  # auto = CUDA (CPU measured slower)
+    # ---- model: every field is stored in the artifact ------------------------------------------------------
+    vocab_size: int = setting(8192, MODEL, above=0)
+    num_layers: int = setting(11, MODEL, above=0)
+    model_dim: int = setting(512, MODEL, above=0)
+    num_heads: int = setting(8, MODEL, above=0)
+    num_kv_heads: int = setting(4, MODEL, above=0)
+    mlp_mult: float = setting(4.0, MODEL, above=0)
+    mlp_negative_slope: float = setting(0.5, MODEL, lo=0, hi=1)  # 0 = relu^2 (baseline), 0.5 = LeakyReLU(0.5)^2
+    tie_embeddings: bool = setting(True, MODEL)
+    logit_softcap: float = setting(30.0, MODEL, lo=0)
+    rope_base: float = setting(10000.0, MODEL)
+    rope_dims: int = setting(16, MODEL, lo=0)      # 0 = rotate the whole head dim
+    rope_yarn: bool = setting(False, MODEL)
+    ln_scale: bool = setting(True, MODEL)
+    qk_gain_init: float = setting(5.0, MODEL)
+    xsa_last_n: int = setting(11, MODEL, lo=0)
+    skip_gates_enabled: bool = setting(True, MODEL)
+    num_loops: int = setting(2, MODEL, lo=0)
+    loop_start: int = setting(3, MODEL)
+    loop_end: int = setting(5, MODEL)
+    parallel_start_layer: int = setting(8, MODEL, lo=0)  # 0 = off
+    parallel_final_lane: str = setting("mean", MODEL, choices=("mean", "attn", "mlp"))
+    smear_gate_enabled: bool = setting(True, MODEL)
+    gate_window: int = setting(12, MODEL, above=0)
+    sparse_attn_gate_enabled: bool = setting(True, MODEL)
+    sparse_attn_gate_scale: float = setting(0.5, MODEL)
+    # ---- optimizer and schedule ----------------------------------------------------------------------------
+    tied_embed_init_std: float = setting(0.005, OPTIM, lo=0)
+    embed_lr: float = setting(0.6, OPTIM, lo=0)
+    tied_embed_lr: float = setting(0.03, OPTIM, lo=0)
+    head_lr: float = setting(0.008, OPTIM, lo=0)   # untied output head (the challenge baseline's HEAD_LR)
+    matrix_lr: float = setting(0.026, OPTIM, lo=0)
+    scalar_lr: float = setting(0.02, OPTIM, lo=0)
+    muon_momentum: float = setting(0.97, OPTIM, lo=0, hi=1)
+    muon_backend_steps: int = setting(5, OPTIM, above=0)
+    muon_coeffs: str = setting("polar_express", OPTIM, choices=lambda: tuple(NS_COEFFICIENTS))
+    muon_momentum_warmup_start: float = setting(0.92, OPTIM, lo=0, hi=1)
+    muon_momentum_warmup_steps: int = setting(1500, OPTIM, lo=0)
+    muon_row_normalize: bool = setting(True, OPTIM)
+    beta1: float = setting(0.9, OPTIM, lo=0, hi=1)
+    beta2: float = setting(0.99, OPTIM, lo=0, hi=1)
+    adam_eps: float = setting(1e-8, OPTIM, lo=0)
+    grad_clip_norm: float = setting(0.3, OPTIM, lo=0)
+    adam_wd: float = setting(0.02, OPTIM, lo=0)
+    muon_wd: float = setting(0.095, OPTIM, lo=0)
+    embed_wd: float = setting(0.085, OPTIM, lo=0)
+    ema_decay: float = setting(0.9965, OPTIM, lo=0, hi=1)
+    lr_warmup_steps: int = setting(0, OPTIM, lo=0)
+    warmdown_frac: float = setting(0.85, OPTIM, lo=0, hi=1)
+    min_lr: float = setting(0.1, OPTIM, lo=0)
+    enable_looping_at: float = setting(0.35, OPTIM, lo=0, hi=1)
+    # ---- quantization and artifact -------------------------------------------------------------------------
+    gptq_reserve_seconds: float = setting(8.0, QUANT, lo=0)  # margin on top of the measured Hessian estimate (§11)
+    gptq_calibration_batches: int = setting(16, QUANT, lo=0)
+    calibration_batch_tokens: int = setting(98_304, QUANT, above=0)  # tokens per rank per batch (48 x 2048)
+    quant_min_numel: int = setting(65_536, QUANT, lo=0)  # float matrices up to this size stay fp16 (spec §5.3)
+    matrix_bits: int = setting(6, QUANT, lo=2, hi=8)
+    embed_bits: int = setting(7, QUANT, lo=2, hi=8)
+    clip_mode: str = setting("fixed", QUANT, choices=("fixed", "adaptive", "budget"))
+    matrix_clip_sigmas: float = setting(12.85, QUANT)
+    embed_clip_sigmas: float = setting(14.0, QUANT)
+    mlp_clip_sigmas: float = setting(11.5, QUANT)
+    attn_clip_sigmas: float = setting(13.0, QUANT)
+    adaptive_clip_exponent: float = setting(-0.15, QUANT)
+    adaptive_clip_min: float = setting(6.0, QUANT, above=0)
+    adaptive_clip_max: float = setting(24.0, QUANT)
+    target_artifact_bytes: int = setting(15_960_000, QUANT, above=0, hi=ARTIFACT_LIMIT_BYTES)
+    lqer_enabled: bool = setting(True, QUANT)
+    lqer_rank: int = setting(4, QUANT, lo=0)
+    lqer_top_k: int = setting(3, QUANT, lo=0)
+    lqer_asym_group: int = setting(64, QUANT, above=0, artifact=True)  # dequantization needs it
+    compressor: str = setting("zstd", QUANT, choices=lambda: tuple(COMPRESSORS))
+    save_prequant: bool = setting(True, QUANT)     # write prequant_model.pt + hessians.pt for REQUANT_FROM sweeps
+    requant_from: str = setting("", QUANT)         # a saved prequant_model.pt: skip training (reuses hessians.pt)
+    # ---- evaluation and test-time training -----------------------------------------------------------------
+    eval_only: bool = setting(False, EVAL)
+    artifact: str = setting("", EVAL)              # artifact path for EVAL_ONLY=1
+    eval_seq_len: int = setting(2048, EVAL, above=0)
+    eval_stride: int = setting(0, EVAL, lo=0)      # 0 = no sliding-window eval; else its stride
+    val_batch_tokens: int = setting(524_288, EVAL, above=0)
+    eval_time_budget: float = setting(600.0, EVAL, lo=0)
+    save_token_losses: str = setting("", EVAL)     # "" = off; else a directory for per-token float32 losses
+    ttt_enabled: bool = setting(True, EVAL)
+    ttt_lora_rank: int = setting(80, EVAL, lo=0)
+    ttt_lora_lr: float = setting(1e-4, EVAL)
+    ttt_lora_alpha: float = setting(144.0, EVAL)
+    ttt_chunk_size: int = setting(48, EVAL, above=0)
+    ttt_eval_seq_len: int = setting(2048, EVAL, above=0)
+    ttt_batch_size: int = setting(64, EVAL, above=0)
+    ttt_grad_steps: int = setting(1, EVAL, lo=0)
+    ttt_warm_start_a: bool = setting(False, EVAL)  # 1 = keep A across document batches as the record did; a
+                                                   # doc's score then depends on docs scored before it
+    ttt_weight_decay: float = setting(0.5, EVAL)
+    ttt_beta1: float = setting(0.0, EVAL, lo=0, hi=1)
+    ttt_beta2: float = setting(0.99, EVAL, lo=0, hi=1)
+    phased_ttt_prefix_docs: int = setting(2500, EVAL, lo=0)
+    phased_ttt_num_phases: int = setting(3, EVAL, lo=0)
+    global_ttt_lr: float = setting(0.001, EVAL)
+    global_ttt_momentum: float = setting(0.9, EVAL)
+    global_ttt_chunk_tokens: int = setting(32768, EVAL, above=0)
+    global_ttt_grad_clip: float = setting(1.0, EVAL)
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def from_env(cls, env=None) -> "Hyperparameters":
+        """Preset defaults, then every UPPER_CASE field set in `env`. Set variables that are not settings but
+        resemble one are kept in `near_misses` for validate() to report."""
+        env = os.environ if env is None else env
+        preset = env.get("PRESET", "sota")
+        if preset not in PRESETS:
+            raise ConfigError(f"PRESET={preset!r} is not a preset; choose one of {sorted(PRESETS)}")
+        values = {"preset": preset, **PRESETS[preset]}
+        types = {f.name: f.type for f in fields(cls)}
+        for name in types:
+            raw = env.get(name.upper())
+            if raw is not None and name != "preset":
+                values[name] = _parse_env_value(name.upper(), raw, types[name])
+        hp = cls(**values)
+        hp.near_misses = _near_miss_env_vars(env, types)
+        return hp
+
+    @classmethod
+    def artifact_fields(cls) -> list[str]:
+        return [f.name for f in fields(cls) if f.metadata["artifact"]]
+
+    def resolved_paths(self) -> tuple[str, str]:
+        if self.caseops_enabled:
+            ds = f"fineweb10B_sp{self.vocab_size}_lossless_caps_caseops_v1_reserved"
+            tok = f"fineweb_{self.vocab_size}_bpe_lossless_caps_caseops_v1_reserved.model"
+        else:
+            ds, tok = f"fineweb10B_sp{self.vocab_size}", f"fineweb_{self.vocab_size}_bpe.model"
+        data = self.data_path or os.path.join(self.data_dir, "datasets", ds)
+        tokz = self.tokenizer_path or os.path.join(self.data_dir, "tokenizers", tok)
+        return data, tokz
+
+    def as_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def validate(self, world_size: int = 1, check_files: bool = True) -> None:
+        """Reject impossible values before any data is read: every error at once, each naming the env var, its
+        value and what is accepted."""
+        errors = []
+
+        def bad(name, why):
+            errors.append(f"{name.upper()}={getattr(self, name)!r}: {why}")
+        for f in fields(self):
+            m, v = f.metadata, getattr(self, f.name)
+            choices = m["choices"]() if callable(m["choices"]) else m["choices"]
+            if choices and v not in choices:
+                bad(f.name, f"must be one of {list(choices)}")
+            elif m["lo"] is not None and m["hi"] is not None and not m["lo"] <= v <= m["hi"]:
+                bad(f.name, f"must be in [{m['lo']}, {m['hi']}]")
+            elif m["above"] is not None and m["hi"] is not None and not m["above"] < v <= m["hi"]:
+                bad(f.name, f"must be in ({m['above']}, {m['hi']}]")
+            elif m["lo"] is not None and v < m["lo"]:
+                bad(f.name, f"must be >= {m['lo']}")
+            elif m["above"] is not None and v <= m["above"]:
+                bad(f.name, f"must be > {m['above']}")
+        shapes_ok = self.num_heads > 0 and self.num_kv_heads > 0 and self.model_dim > 0 and self.num_layers > 0
+        if self.iterations == 0 and self.max_wallclock_seconds == 0:
+            bad("iterations", "and MAX_WALLCLOCK_SECONDS=0: one of them must bound training")
+        if shapes_ok and self.model_dim % self.num_heads:
+            bad("model_dim", f"must be divisible by NUM_HEADS={self.num_heads}")
+        if shapes_ok and self.num_heads % self.num_kv_heads:
+            bad("num_heads", f"must be divisible by NUM_KV_HEADS={self.num_kv_heads}")
+        head_dim = self.model_dim // max(self.num_heads, 1)
+        if shapes_ok and head_dim % 2:
+            bad("model_dim", f"gives an odd head dim {head_dim}; MODEL_DIM/NUM_HEADS must be even")
+        if shapes_ok and (self.rope_dims > head_dim or self.rope_dims % 2):
+            bad("rope_dims", f"must be even and <= head dim {head_dim} (0 = whole head)")
+        if world_size <= 0 or 8 % world_size:
+            errors.append(f"WORLD_SIZE={world_size}: must divide 8 (1, 2, 4 or 8 processes)")
+        if self.train_seq_len > 0 and (self.train_batch_tokens % 8 or self.train_batch_tokens // 8 % self.train_seq_len):
+            bad("train_batch_tokens", f"must be a multiple of 8*TRAIN_SEQ_LEN={8 * self.train_seq_len}")
+        if self.val_batch_tokens < self.eval_seq_len:
+            bad("val_batch_tokens", f"must be >= EVAL_SEQ_LEN={self.eval_seq_len}")
+        if self.eval_stride > self.eval_seq_len:
+            bad("eval_stride", f"must be <= EVAL_SEQ_LEN={self.eval_seq_len}")
+        if self.num_loops and not (0 <= self.loop_start <= self.loop_end < self.num_layers):
+            bad("loop_start", f"LOOP_START..LOOP_END={self.loop_start}..{self.loop_end} must lie in "
+                f"[0, NUM_LAYERS-1={self.num_layers - 1}]")
+        if self.parallel_start_layer >= self.num_layers:
+            bad("parallel_start_layer", f"must be < NUM_LAYERS={self.num_layers} (0 = off)")
+        if self.gate_window > self.model_dim:
+            bad("gate_window", f"must be <= MODEL_DIM={self.model_dim}")
+        if self.adaptive_clip_max < self.adaptive_clip_min:
+            bad("adaptive_clip_max", f"must be >= ADAPTIVE_CLIP_MIN={self.adaptive_clip_min}")
+        if self.eval_only and not self.artifact:
+            errors.append("EVAL_ONLY=1 needs ARTIFACT=<path of an artifact written by this script>")
+        deliberate = {v.strip().upper() for v in self.extra_env.split(",")}
+        errors += [f"{var} is set but is not a setting of train_gpt.py; did you mean {best}? (if {var} is meant "
+                   f"for something else, add it to EXTRA_ENV)" for var, best in self.near_misses if var not in deliberate]
+        if check_files:
+            errors += self.file_errors()
+        if errors:
+            raise ConfigError(errors[0] if len(errors) == 1 else
+                              f"{len(errors)} errors in the configuration:\n  " + "\n  ".join(errors))
+
+    def file_errors(self) -> list[str]:
+        errors = [f"{var}={path!r}: no such file" for var, path in [
+            ("ARTIFACT", self.artifact if self.eval_only else ""), ("REQUANT_FROM", self.requant_from)]
+            if path and not os.path.isfile(path)]
+        data_path, tok_path = self.resolved_paths()
+        fetch = ("fetch it with `python data/cached_challenge_fineweb.py --variant "
+                 f"sp{self.vocab_size}{' --caseops' if self.caseops_enabled else ''}` or build the offline "
+                 "sample with `python data/build_offline_sample.py` (then PRESET=cpu_smoke)")
+        if not glob.glob(os.path.join(data_path, "fineweb_val_*.bin")):
+            errors.append(f"DATA_PATH={data_path!r}: no fineweb_val_*.bin shards there; {fetch}")
+        if not self.eval_only and not glob.glob(os.path.join(data_path, "fineweb_train_*.bin")):
+            errors.append(f"DATA_PATH={data_path!r}: no fineweb_train_*.bin shards there; {fetch}")
+        if not os.path.isfile(tok_path):
+            errors.append(f"TOKENIZER_PATH={tok_path!r}: no such file; {fetch}")
+        if self.caseops_enabled and not glob.glob(os.path.join(data_path, "fineweb_val_bytes_*.bin")):
+            errors.append(f"CASEOPS_ENABLED=1 but DATA_PATH={data_path!r} has no fineweb_val_bytes_*.bin byte "
+                          "sidecar; set CASEOPS_ENABLED=0 or rebuild the data with --caseops")
+        return errors
+
+
 def _parse_env_value(var: str, raw: str, typ) -> object:
     typ = {"bool": bool, "int": int, "float": float, "str": str}.get(typ, typ) if isinstance(typ, str) else typ
     text = raw.strip()
@@ -359,8 +372,9 @@ def _edit_distance(a: str, b: str) -> int:
     return prev[-1]
 
 
-def _near_miss_env_vars(env, types) -> list[str]:
-    """Set env vars that are not fields but are 1-2 edits from one: a sweep would silently run the default."""
+def _near_miss_env_vars(env, types) -> list[tuple[str, str]]:
+    """(variable, setting) for set env vars that are not settings but are 1-2 edits from one: a sweep would
+    silently run the default."""
     names = [n.upper() for n in types]
     out = []
     for var in sorted(env):
@@ -368,7 +382,7 @@ def _near_miss_env_vars(env, types) -> list[str]:
             continue
         best = min(names, key=lambda n: _edit_distance(var, n))
         if _edit_distance(var, best) <= 2 and len(var) >= 4:
-            out.append(f"env var {var} is not a setting of train_gpt.py; did you mean {best}?")
+            out.append((var, best))
     return out
 
 
@@ -455,7 +469,6 @@ def _agree_run_id(distributed: bool) -> str:
 
 
 def seed_everything(seed: int) -> None:
-    import random
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -570,7 +583,6 @@ def build_byte_luts(sp, vocab_size: int) -> TokenByteLUTs:
 
 
 def load_tokenizer(path: str, vocab_size: int):
-    import sentencepiece as spm
     sp = spm.SentencePieceProcessor(model_file=path)
     if sp.vocab_size() != vocab_size:
         raise ConfigError(f"VOCAB_SIZE={vocab_size} but TOKENIZER_PATH={path!r} has {sp.vocab_size()} pieces")
@@ -777,7 +789,6 @@ def document_causal_mask(seg: torch.Tensor) -> torch.Tensor:
 
 
 def flex_block_mask(seg: torch.Tensor, rows_are_docs: bool):
-    from torch.nn.attention.flex_attention import create_block_mask
     B, T = seg.shape
 
     def causal(b, h, qi, ki):
@@ -826,7 +837,6 @@ def attention_flash3(q, k, v, doc: DocStructure):
 def attention_flex(q, k, v, doc: DocStructure):
     """Inside a compiled graph flex_attention is traced into a fused kernel; called eagerly (e.g. by Hessian
     collection) it goes through its own compiled wrapper: eager flex would materialise every score matrix."""
-    from torch.nn.attention.flex_attention import flex_attention
     if torch.compiler.is_compiling():
         attend = flex_attention
     else:
@@ -1255,37 +1265,34 @@ class GPT(nn.Module):
         x0, doc = x, prepare_attention(self.attn_backend, ids, self.bos_id, rows_are_docs)
         rope = self.rope(ids.size(1), x.dtype)
         enc, dec = self.schedule()
-        skips, slot = [], 0
-        for i in enc:
+        skips = []
+        for slot, i in enumerate(enc):
             x = self.blocks[i](x, x0, doc, rope, self.attn_backend, lora, slot)
             skips.append(x)
-            slot += 1
-        lanes = None
+        # decoder: x is the residual stream (with parallel lanes: the attention lane, which takes the skips)
+        mlp_lane = None
         for k, i in enumerate(dec):
-            skip = skips.pop() if k < self.num_skips and skips else None
-            if lanes is None and hp.parallel_start_layer > 0 and i >= hp.parallel_start_layer:
-                lanes = (x, x)
-            if skip is not None:
-                target = x if lanes is None else lanes[0]
-                w = self.skip_weights[k].to(x.dtype) * skip
-                if self.skip_gates is not None:
-                    merged = torch.lerp(w, target, torch.sigmoid(self.skip_gates[k]).to(x.dtype))
-                else:
-                    merged = target + w
-                if lanes is None:
-                    x = merged
-                else:
-                    lanes = (merged, lanes[1])
-            if lanes is None:
+            if mlp_lane is None and 0 < hp.parallel_start_layer <= i:
+                mlp_lane = x
+            if k < self.num_skips and skips:
+                x = self.merge_skip(k, x, skips.pop())
+            slot = len(enc) + k
+            if mlp_lane is None:
                 x = self.blocks[i](x, x0, doc, rope, self.attn_backend, lora, slot)
             else:
-                lanes = self.blocks[i].forward_parallel(lanes, x0, doc, rope, self.attn_backend,
-                                                        self.parallel_post_lambdas[i],
-                                                        self.parallel_resid_lambdas[i], lora, slot)
-            slot += 1
-        if lanes is not None:
-            x = {"mean": 0.5 * (lanes[0] + lanes[1]), "attn": lanes[0], "mlp": lanes[1]}[hp.parallel_final_lane]
+                x, mlp_lane = self.blocks[i].forward_parallel((x, mlp_lane), x0, doc, rope, self.attn_backend,
+                                                              self.parallel_post_lambdas[i],
+                                                              self.parallel_resid_lambdas[i], lora, slot)
+        if mlp_lane is not None:
+            x = {"mean": 0.5 * (x + mlp_lane), "attn": x, "mlp": mlp_lane}[hp.parallel_final_lane]
         return self.head_input(rms_norm(x))
+
+    def merge_skip(self, k: int, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        """U-Net skip k into the stream: gated lerp (spec §3.8) or a plain weighted add."""
+        w = self.skip_weights[k].to(x.dtype) * skip
+        if self.skip_gates is None:
+            return x + w
+        return torch.lerp(w, x, torch.sigmoid(self.skip_gates[k]).to(x.dtype))
 
     def forward_logits(self, ids: torch.Tensor, lora: LoRAWeights | None = None,
                        rows_are_docs: bool = False) -> torch.Tensor:
@@ -1437,9 +1444,6 @@ class Muon:
         self.state = [None if s is None else s.clone() for s in st]
 
 
-HEAD_LR = 0.008  # untied output head Adam lr (the challenge baseline's HEAD_LR)
-
-
 class Optimizers:
     """Muon on the block matrices, AdamW on the embedding / head and on the control tensors. One step:
     average grads across ranks, clip the global norm of the averaged gradient, update, zero."""
@@ -1463,7 +1467,7 @@ class Optimizers:
                        weight_decay=hp.embed_wd),
                   dict(params=scalars, lr=hp.scalar_lr, weight_decay=hp.adam_wd)]
         if head:
-            groups.append(dict(params=head, lr=HEAD_LR, weight_decay=0.0))
+            groups.append(dict(params=head, lr=hp.head_lr, weight_decay=0.0))
         for g in groups:
             g["base_lr"] = g["lr"]
         self.adam = torch.optim.AdamW(groups, betas=betas, eps=eps, **fused)
@@ -1505,11 +1509,9 @@ class Optimizers:
         return norm
 
     def state_dict(self):
-        import copy
         return {"adam": copy.deepcopy(self.adam.state_dict()), "muon": self.muon.state_dict()}
 
     def load_state_dict(self, st):
-        import copy
         self.adam.load_state_dict(copy.deepcopy(st["adam"]))
         self.muon.load_state_dict(st["muon"])
 
@@ -1712,12 +1714,10 @@ def probe_hessian_seconds(model: GPT, hp: Hyperparameters, rt: Runtime, train_fi
     return estimate
 
 
-def train(hp: Hyperparameters, rt: Runtime, model: GPT, train_files: list[str], val: ValidationData | None,
-          luts: TokenByteLUTs, clock=time.perf_counter) -> tuple[TrainResult, ModelEMA]:
-    log = rt.logger.log
-    opt = Optimizers(model, hp, rt.world_size, rt.rank)
+def make_train_step(hp: Hyperparameters, rt: Runtime, model: GPT, opt: Optimizers):
+    """One optimizer step: grad_accum_steps micro-batches through the compiled model, then the update at the
+    schedule's LR and momentum. Returns the mean loss (a device tensor)."""
     fwd = maybe_compile(model, hp, rt.device)
-    res = TrainResult()
 
     def train_step(loader, step: int, frac: float) -> torch.Tensor:
         total = torch.zeros((), device=rt.device)
@@ -1730,29 +1730,41 @@ def train(hp: Hyperparameters, rt: Runtime, model: GPT, train_files: list[str], 
         opt.set_schedule(lr_multiplier(frac, step, hp), muon_momentum_at(step, hp))
         opt.step()
         return total / rt.grad_accum_steps
+    return train_step
 
-    # Before the timer: a timed Hessian batch (a budget it leaves no room in is a config error, raised now),
-    # then compile / allocator warm-up with both layer schedules; weights, optimizer state and loader are rolled
-    # back so the timed run starts from the true init (spec §4.5).
+
+def warm_up(hp: Hyperparameters, rt: Runtime, model: GPT, opt: Optimizers, train_step, train_files) -> None:
+    """WARMUP_STEPS real steps with each layer schedule (compiling both graphs and warming the allocator),
+    then weights, optimizer state and looping rolled back: the timed run starts from the true init (§4.5)."""
+    snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    opt_state = opt.state_dict()
+    loader = make_train_loader(hp, rt, train_files)
+    for looping in ([False, True] if hp.num_loops > 0 else [False]):
+        model.looping = looping
+        t0 = time.perf_counter()
+        for _ in range(hp.warmup_steps):
+            train_step(loader, 0, 0.0)
+        sync_device(rt.device)  # the first step of each schedule compiles its graph
+        rt.logger.log(f"warmup: {hp.warmup_steps} steps looping:{int(looping)} {time.perf_counter() - t0:.1f}s")
+    model.load_state_dict(snapshot)
+    opt.load_state_dict(opt_state)
+    model.zero_grad(set_to_none=True)
+    model.looping = False
+
+
+def train(hp: Hyperparameters, rt: Runtime, model: GPT, train_files: list[str], val: ValidationData | None,
+          luts: TokenByteLUTs, clock=time.perf_counter) -> tuple[TrainResult, ModelEMA]:
+    """The timed run: after the Hessian probe (a budget it leaves no room in stops here) and the warm-up, steps
+    under the wall-clock rule of TrainBudget on the ranks' agreed clock; the loader restarts at the data's
+    beginning."""
+    log = rt.logger.log
+    opt = Optimizers(model, hp, rt.world_size, rt.rank)
+    train_step = make_train_step(hp, rt, model, opt)
+    res = TrainResult()
     if hp.max_wallclock_seconds > 0:
         res.hessian_estimate_s = probe_hessian_seconds(model, hp, rt, train_files, clock)
     if hp.warmup_steps > 0:
-        snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        opt_state = opt.state_dict()
-        loader = make_train_loader(hp, rt, train_files)
-        phases = [False, True] if hp.num_loops > 0 else [False]
-        for looping in phases:
-            model.looping = looping
-            t0 = time.perf_counter()
-            for s in range(hp.warmup_steps):
-                train_step(loader, 0, 0.0)
-            sync_device(rt.device)
-            if hp.warmup_steps:  # the first step of each schedule compiles its graph
-                log(f"warmup: {hp.warmup_steps} steps looping:{int(looping)} {time.perf_counter() - t0:.1f}s")
-        model.load_state_dict(snapshot)
-        opt.load_state_dict(opt_state)
-        model.zero_grad(set_to_none=True)
-        model.looping = False
+        warm_up(hp, rt, model, opt, train_step, train_files)
     loader = make_train_loader(hp, rt, train_files)
     ema = ModelEMA(model, hp.ema_decay)
     budget = TrainBudget(res.hessian_estimate_s)
@@ -1812,42 +1824,35 @@ GPTQ_DAMP = 0.01          # diagonal damping, fraction of mean(diag H) (spec §5
 GATE_INT8_MAX_NUMEL = 8192  # gate tensors up to this size are stored int8 per row (spec §5.3)
 
 
-def quantizable_linears(model: GPT) -> dict[str, nn.Module]:
-    """Weight name -> module whose forward input X gives the Hessian X^T X of that weight."""
-    out = {}
+def hessian_taps(model: GPT) -> dict[nn.Module, list[str]]:
+    """Module whose forward input X gives the Hessian X^T X of each listed weight. c_q, c_k and c_v read one
+    input, so one tap serves the three; fc.weight is applied inside MLP.forward, so its tap is the MLP."""
+    taps = {}
     for i, b in enumerate(model.blocks):
-        for sub in ("c_q", "c_k", "c_v", "proj"):
-            out[f"blocks.{i}.attn.{sub}.weight"] = getattr(b.attn, sub)
-        out[f"blocks.{i}.mlp.fc.weight"] = b.mlp  # fc's input is the MLP's input (fc.weight is used directly)
-        out[f"blocks.{i}.mlp.proj.weight"] = b.mlp.proj
-    out["lm_head.weight" if model.lm_head is not None else "tok_emb.weight"] = model.head_input
-    return out
+        taps[b.attn.c_q] = [f"blocks.{i}.attn.c_{n}.weight" for n in "qkv"]
+        taps[b.attn.proj] = [f"blocks.{i}.attn.proj.weight"]
+        taps[b.mlp] = [f"blocks.{i}.mlp.fc.weight"]
+        taps[b.mlp.proj] = [f"blocks.{i}.mlp.proj.weight"]
+    taps[model.head_input] = ["lm_head.weight" if model.lm_head is not None else "tok_emb.weight"]
+    return taps
 
 
 @torch.no_grad()
 def collect_hessians(model: GPT, loader, batches: int, hp: Hyperparameters, rt: Runtime) -> dict[str, torch.Tensor]:
     """H = mean over batches of X^T X for the input of every quantized linear map, from TRAINING data
-    (the loader reads only fineweb_train_* files), summed across ranks. c_q/c_k/c_v share one input."""
-    targets = quantizable_linears(model)
-    shared = {}
-    for name, mod in targets.items():
-        shared.setdefault(id(mod) if not name.endswith(("c_k.weight", "c_v.weight")) else
-                          id(getattr(model.blocks[int(name.split('.')[1])].attn, "c_q")), []).append(name)
-    sums: dict[int, torch.Tensor] = {}
-    hooks = []
+    (the loader reads only fineweb_train_* files), summed across ranks (one per hessian_taps() module)."""
+    taps = hessian_taps(model)
+    sums: dict[nn.Module, torch.Tensor] = {}
 
     def hook(mod, inp, out):
         # autocast would run x^T x in bf16 (and refuse the fp32 accumulator): accumulate in true fp32
         with torch.autocast(inp[0].device.type, enabled=False):
             x = inp[0].detach().reshape(-1, inp[0].size(-1)).float()
-            key = id(mod)
-            if key in sums:
-                sums[key].addmm_(x.T, x)
+            if mod in sums:
+                sums[mod].addmm_(x.T, x)
             else:
-                sums[key] = x.T @ x
-    mods = {id(m): m for m in targets.values()}
-    for key in shared:
-        hooks.append(mods[key].register_forward_hook(hook))
+                sums[mod] = x.T @ x
+    hooks = [mod.register_forward_hook(hook) for mod in taps]
     was_training = model.training
     model.eval()
     try:
@@ -1860,13 +1865,12 @@ def collect_hessians(model: GPT, loader, batches: int, hp: Hyperparameters, rt: 
             h.remove()
         model.train(was_training)
     out = {}
-    for key, names in shared.items():
-        H = sums[key]
+    for mod, names in taps.items():
+        H = sums[mod]
         if rt.world_size > 1:
             all_reduce_(H)
         H /= batches * rt.world_size
-        for n in names:
-            out[n] = H
+        out.update(dict.fromkeys(names, H))
     return out
 
 
@@ -2030,63 +2034,80 @@ def quantize_state(state: dict[str, torch.Tensor], hessians: dict[str, torch.Ten
     """Quantize a model state dict. Returns the entries and the per-tensor clip table. `model_bytes_of`
     (entries -> compressed model bytes) is needed by CLIP_MODE=budget, which fits the artifact to its target."""
     state = {k: v.detach().float().cpu() for k, v in state.items()}
-    entries: dict[str, QEntry] = {}
-    gptq_names = []
-    for name, t in state.items():
-        kind = quant_kind(name, t, hp)
-        dtype = "float32"
-        if kind == "fp16":
-            entries[name] = QEntry("fp16", tuple(t.shape), dtype, data=t.half())
-        elif kind == "int8_row":
-            s = (t.abs().amax(dim=1) / 127).clamp_min(1e-10).half().float()
-            entries[name] = QEntry("int8_row", tuple(t.shape), dtype, q=rtn_quantize(t, s, 8), scale=s.half(), bits=8)
-        else:
-            if name not in hessians:
-                raise KeyError(f"no Hessian collected for {name}")
-            gptq_names.append(name)
-    stats = []
-    for name in gptq_names:
-        W, H = state[name], hessians[name].cpu()
-        stats.append({"name": name, "numel": W.numel(), "h_mean": float(torch.diag(H).clamp_min(0).mean()),
-                      "row_var": float(W.var(dim=1).mean()), "base_sigma": group_clip_sigmas(name, hp),
-                      "bits": tensor_bits(name, hp)})
-    sigmas = {s["name"]: s["base_sigma"] for s in stats}
-    if hp.clip_mode in ("adaptive", "budget"):
-        matrices = [s for s in stats if s["name"] not in ("tok_emb.weight", "lm_head.weight")]
-        if matrices:
-            adaptive, offset = adaptive_clip_sigmas(matrices, hp)
-            sigmas.update(adaptive)
-            log(f"clip:adaptive offset:{offset:.6f} exponent:{hp.adaptive_clip_exponent}")
-
-    def finish(sig: dict[str, float]) -> dict[str, QEntry]:
-        out = dict(entries)
-        for s in stats:
-            name, W, bits = s["name"], state[s["name"]], s["bits"]
-            scale = sdclip_scales(W, sig[name], bits)
-            H = hessians[name]  # GPTQ runs where the Hessians live (the GPU in a real run)
-            q = gptq_quantize(W.to(H.device), H, scale.to(H.device), bits).cpu()
-            out[name] = QEntry("gptq", tuple(W.shape), "float32", q=q, scale=scale.half(), bits=bits, sigma=sig[name])
-        if hp.lqer_enabled and hp.lqer_rank > 0 and stats:
-            err = {n: state[n] - dequantize_entry(out[n], hp.lqer_asym_group) for n in gptq_names}
-            top = sorted(gptq_names, key=lambda n: -float(err[n].norm()))[: hp.lqer_top_k]
-            for n in top:
-                out[n].lqer = lqer_factors(err[n], hp.lqer_rank, hp.lqer_asym_group)
-        return out
+    direct = {name: direct_entry(name, t, hp) for name, t in state.items()}  # None: a GPTQ tensor
+    missing = [n for n, e in direct.items() if e is None and n not in hessians]
+    if missing:
+        raise KeyError(f"no Hessian collected for {missing}")
+    stats = clip_stats(state, hessians, [n for n, e in direct.items() if e is None], hp)
+    sigmas = choose_clip_sigmas(stats, hp, log)
+    base = {n: e for n, e in direct.items() if e is not None}
+    quantize = functools.partial(quantize_gptq, state, hessians, stats, base, hp)
     if hp.clip_mode == "budget" and stats:
         if model_bytes_of is None:
             raise ValueError("CLIP_MODE=budget needs the artifact packer to measure bytes")
-        sigmas, result = budget_clip_sigmas(state, hessians, stats, sigmas, finish, model_bytes_of,
-                                            hp.target_artifact_bytes - code_bytes, hp, log)
+        sigmas, entries = budget_clip_sigmas(state, hessians, stats, sigmas, quantize, model_bytes_of,
+                                             hp.target_artifact_bytes - code_bytes, hp, log)
     else:
-        result = finish(sigmas)
-    for s in stats:
-        s["sigma"] = sigmas[s["name"]]
-    lq = [n for n, e in result.items() if e.lqer is not None]
+        entries = quantize(sigmas)
+    lq = [n for n, e in entries.items() if e.lqer is not None]
     if lq:
         log(f"lqer: rank {hp.lqer_rank} on {lq}")
-    entries = result
-    table = [{k: s[k] for k in ("name", "numel", "h_mean", "row_var", "sigma", "bits")} for s in stats]
+    table = [{**{k: s[k] for k in ("name", "numel", "h_mean", "row_var")}, "sigma": sigmas[s["name"]],
+              "bits": s["bits"]} for s in stats]
     return entries, table
+
+
+def direct_entry(name: str, t: torch.Tensor, hp: Hyperparameters) -> QEntry | None:
+    """The entry of a tensor stored without GPTQ (fp16 passthrough, int8 gate rows); None for GPTQ tensors."""
+    kind = quant_kind(name, t, hp)
+    if kind == "fp16":
+        return QEntry("fp16", tuple(t.shape), "float32", data=t.half())
+    if kind == "int8_row":
+        s = (t.abs().amax(dim=1) / 127).clamp_min(1e-10).half().float()
+        return QEntry("int8_row", tuple(t.shape), "float32", q=rtn_quantize(t, s, 8), scale=s.half(), bits=8)
+    return None
+
+
+def clip_stats(state: dict[str, torch.Tensor], hessians: dict[str, torch.Tensor], names: list[str],
+               hp: Hyperparameters) -> list[dict]:
+    """Per GPTQ tensor: size, Hessian scale, row variance, group sigma and bits (what clip choices read)."""
+    out = []
+    for name in names:
+        W, H = state[name], hessians[name].cpu()
+        out.append({"name": name, "numel": W.numel(), "h_mean": float(torch.diag(H).clamp_min(0).mean()),
+                    "row_var": float(W.var(dim=1).mean()), "base_sigma": group_clip_sigmas(name, hp),
+                    "bits": tensor_bits(name, hp)})
+    return out
+
+
+def choose_clip_sigmas(stats: list[dict], hp: Hyperparameters, log=print) -> dict[str, float]:
+    """CLIP_MODE=fixed: the group sigmas; adaptive and budget start from the Hessian-sensitivity sigmas."""
+    sigmas = {s["name"]: s["base_sigma"] for s in stats}
+    matrices = [s for s in stats if s["name"] not in ("tok_emb.weight", "lm_head.weight")]
+    if hp.clip_mode in ("adaptive", "budget") and matrices:
+        adaptive, offset = adaptive_clip_sigmas(matrices, hp)
+        sigmas.update(adaptive)
+        log(f"clip:adaptive offset:{offset:.6f} exponent:{hp.adaptive_clip_exponent}")
+    return sigmas
+
+
+def quantize_gptq(state: dict[str, torch.Tensor], hessians: dict[str, torch.Tensor], stats: list[dict],
+                  base: dict[str, QEntry], hp: Hyperparameters, sigmas: dict[str, float]) -> dict[str, QEntry]:
+    """All entries: `base` plus every GPTQ tensor at its sigma, then LQER factors on the LQER_TOP_K tensors
+    with the largest quantization error."""
+    out = dict(base)
+    for s in stats:
+        name, W, bits = s["name"], state[s["name"]], s["bits"]
+        scale = sdclip_scales(W, sigmas[name], bits)
+        H = hessians[name]  # GPTQ runs where the Hessians live (the GPU in a real run)
+        q = gptq_quantize(W.to(H.device), H, scale.to(H.device), bits).cpu()
+        out[name] = QEntry("gptq", tuple(W.shape), "float32", q=q, scale=scale.half(), bits=bits, sigma=sigmas[name])
+    names = [s["name"] for s in stats]
+    if hp.lqer_enabled and hp.lqer_rank > 0 and names:
+        err = {n: state[n] - dequantize_entry(out[n], hp.lqer_asym_group) for n in names}
+        for n in sorted(names, key=lambda n: -float(err[n].norm()))[: hp.lqer_top_k]:
+            out[n].lqer = lqer_factors(err[n], hp.lqer_rank, hp.lqer_asym_group)
+    return out
 
 
 BUDGET_SIGMA_GRID = (0.55, 0.65, 0.75, 0.85, 0.92, 1.0, 1.08, 1.18, 1.3, 1.45, 1.65, 1.9, 2.2)  # x adaptive sigma
@@ -2099,7 +2120,7 @@ def order0_entropy_bytes(codes: torch.Tensor) -> float:
     return float(-(p * p.log2()).sum() * counts.sum() / 8)
 
 
-def budget_clip_sigmas(state, hessians, stats, start_sigmas, finish, model_bytes_of, target_bytes: int,
+def budget_clip_sigmas(state, hessians, stats, start_sigmas, quantize, model_bytes_of, target_bytes: int,
                        hp: Hyperparameters, log):
     """CLIP_MODE=budget: per-tensor sigma from a grid to minimise the summed Hessian-weighted error subject
     to the compressed model landing just under `target_bytes`. Per-tensor (error, bytes) curves come from
@@ -2131,7 +2152,7 @@ def budget_clip_sigmas(state, hessians, stats, start_sigmas, finish, model_bytes
             lo, hi = (lo, mid) if pick(mid)[1] <= budget else (mid, hi)
         return pick(hi)
     est_total = sum(min(p[2] for p in pts) for _n, pts in curves)
-    entries = finish(start_sigmas)
+    entries = quantize(start_sigmas)
     actual = model_bytes_of(entries)
     overhead = actual - sum(order0_entropy_bytes(entries[n].q) for n, _ in curves)  # scales, fp16, header
     goal = target_bytes * (1 - BUDGET_TOLERANCE / 2)
@@ -2140,7 +2161,7 @@ def budget_clip_sigmas(state, hessians, stats, start_sigmas, finish, model_bytes
     for it in range(6):  # correction can oscillate between two solutions either side of the target
         choice, est = solve(budget)
         sigmas.update(choice)
-        entries = finish(sigmas)
+        entries = quantize(sigmas)
         actual = model_bytes_of(entries)
         log(f"clip:budget iter:{it} est_code_bytes:{est:.0f} model_bytes:{actual} target:{target_bytes}")
         if actual <= target_bytes and (best is None or actual > best[0]):
@@ -2168,14 +2189,9 @@ class ArtifactError(ValueError):
     """A truncated, corrupted or foreign artifact: never decoded into a wrong model."""
 
 
-def _zstd():
-    import zstandard
-    return zstandard
-
-
 COMPRESSORS = {
-    "zstd": (lambda b: _zstd().ZstdCompressor(level=22).compress(b),
-             lambda b: _zstd().ZstdDecompressor().decompress(b)),
+    "zstd": (lambda b: zstandard.ZstdCompressor(level=22).compress(b),
+             lambda b: zstandard.ZstdDecompressor().decompress(b)),
     "lzma": (lambda b: lzma.compress(b, preset=9 | lzma.PRESET_EXTREME), lzma.decompress),
     "raw": (bytes, bytes),
 }
@@ -2201,19 +2217,32 @@ def _byte_unshuffle(raw: bytes, width: int) -> bytes:
     return a.reshape(width, -1).T.copy().tobytes() if a.size else raw
 
 
+class StreamSlice(NamedTuple):
+    """Where one part of a tensor (codes, scales, LQER factors, fp16 data) lives in the artifact: bytes
+    offset..offset+length of the decompressed stream `stream`; 2-D codes are stored transposed (column-major
+    codes compress better). The header stores it as a JSON list."""
+    stream: str
+    offset: int
+    length: int
+    shape: list
+    dtype: str
+    transposed: bool
+
+
 def pack_artifact(entries: dict[str, QEntry], config: dict, compressor: str = "zstd") -> bytes:
     """Serialize quantized entries + the model config into one deterministic container."""
     streams: dict[str, list[bytes]] = {}
     sizes: dict[str, int] = {}
     tensors = []
 
-    def put(stream: str, arr: torch.Tensor, transpose: bool = False) -> list:
+    def put(stream: str, arr: torch.Tensor, transpose: bool = False) -> StreamSlice:
         a = arr.contiguous()
         raw = (a.T.contiguous() if transpose and a.ndim == 2 else a).numpy().tobytes()
         off = sizes.get(stream, 0)
         streams.setdefault(stream, []).append(raw)
         sizes[stream] = off + len(raw)
-        return [stream, off, len(raw), list(a.shape), str(a.dtype).replace("torch.", ""), bool(transpose and a.ndim == 2)]
+        return StreamSlice(stream, off, len(raw), list(a.shape), str(a.dtype).replace("torch.", ""),
+                           bool(transpose and a.ndim == 2))
     for name in sorted(entries):
         e = entries[name]
         rec = {"name": name, "kind": e.kind, "shape": list(e.shape), "dtype": e.dtype, "bits": e.bits,
@@ -2268,14 +2297,14 @@ def unpack_artifact(blob: bytes) -> tuple[dict[str, QEntry], dict]:
     if pos != len(blob):
         raise ArtifactError(f"artifact has {len(blob) - pos} trailing bytes")
 
-    def get(part):
-        stream, off, n, shape, dtype, transposed = part
-        arr = np.frombuffer(raw_streams[stream][off: off + n], dtype=getattr(np, dtype)).copy()
+    def get(part: StreamSlice) -> torch.Tensor:
+        arr = np.frombuffer(raw_streams[part.stream][part.offset: part.offset + part.length],
+                            dtype=getattr(np, part.dtype)).copy()
         t = torch.from_numpy(arr)
-        return t.view(shape[1], shape[0]).T.contiguous() if transposed else t.view(shape)
+        return t.view(part.shape[1], part.shape[0]).T.contiguous() if part.transposed else t.view(part.shape)
     entries = {}
     for rec in header["tensors"]:
-        p = {k: get(v) for k, v in rec["parts"].items()}
+        p = {k: get(StreamSlice(*v)) for k, v in rec["parts"].items()}
         lq = {k: p[k] for k in ("lqA", "lqAs", "lqB", "lqBs") if k in p} or None
         entries[rec["name"]] = QEntry(rec["kind"], tuple(rec["shape"]), rec["dtype"], q=p.get("q"),
                                       scale=p.get("scale"), data=p.get("data"), bits=rec["bits"],
@@ -2299,19 +2328,16 @@ def stream_report(entries: dict[str, QEntry], config: dict, compressor: str) -> 
 
 
 def model_config_for_artifact(hp: Hyperparameters, bos_id: int, looping: bool) -> dict:
-    """What a fresh process needs to rebuild the model from the artifact alone."""
-    keys = ["vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "mlp_negative_slope",
-            "tie_embeddings", "logit_softcap", "rope_base", "rope_dims", "rope_yarn", "ln_scale", "qk_gain_init",
-            "xsa_last_n", "skip_gates_enabled", "num_loops", "loop_start", "loop_end", "parallel_start_layer",
-            "parallel_final_lane", "smear_gate_enabled", "gate_window", "sparse_attn_gate_enabled",
-            "sparse_attn_gate_scale", "train_seq_len", "lqer_asym_group"]
-    return {**{k: getattr(hp, k) for k in keys}, "bos_id": bos_id, "looping": looping}
+    """What a fresh process needs to rebuild the model from the artifact alone: every setting the
+    Hyperparameters mark for the artifact (the whole model group), the BOS id and the layer schedule."""
+    return {**{k: getattr(hp, k) for k in Hyperparameters.artifact_fields()}, "bos_id": bos_id, "looping": looping}
 
 
 def model_from_artifact(blob: bytes, hp: Hyperparameters, device: torch.device, backend: str) -> GPT:
     """A fresh model built from the artifact bytes alone (the architecture comes from its header)."""
     entries, cfg = unpack_artifact(blob)
-    arch = dataclasses.replace(hp, **{k: v for k, v in cfg.items() if k not in ("bos_id", "looping")})
+    stored = set(Hyperparameters.artifact_fields())
+    arch = dataclasses.replace(hp, **{k: v for k, v in cfg.items() if k in stored})
     model = GPT(arch, cfg["bos_id"], backend).to(device)
     state = dequantize_state(entries, cfg["lqer_asym_group"])
     missing = set(model.state_dict()) ^ set(state)
@@ -2333,7 +2359,6 @@ def code_source() -> bytes:
 
 def minify_source(source: bytes) -> bytes:
     """The same program without comments and docstrings (parse + unparse): fewer bytes to ship."""
-    import ast
     tree = ast.parse(source)
     for node in ast.walk(tree):
         body = getattr(node, "body", None)
@@ -2894,7 +2919,6 @@ def _versions() -> dict:
 
 
 def _git_commit() -> str | None:
-    import subprocess
     try:
         here = os.path.dirname(os.path.abspath(__file__))
         return subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -2910,40 +2934,45 @@ def env_overrides(hp: Hyperparameters, env=None) -> dict:
             if f.name != "preset" and f.name.upper() in env and getattr(hp, f.name) != getattr(base, f.name)}
 
 
-def run_evaluations(model: GPT, val: ValidationData, hp: Hyperparameters, rt: Runtime, eval_t0: float) -> list:
-    """Quantized model evals: plain, sliding (EVAL_STRIDE), phased TTT (TTT_ENABLED)."""
-    keep = bool(hp.save_token_losses)
-    results = [eval_val(model, val, hp, rt, "quantized", keep)]
-    rt.logger.log(results[-1].line())
-    if hp.eval_stride and hp.eval_stride < hp.eval_seq_len:
-        results.append(eval_sliding(model, val, hp, rt, "quantized_sliding", keep))
-        rt.logger.log(results[-1].line())
-    if hp.ttt_enabled:
-        phased = hp.phased_ttt_num_phases > 0 and hp.phased_ttt_prefix_docs > 0
-        stage = "quantized_ttt_phased" if phased else "quantized_ttt"
-        results.append(eval_ttt(model, val, hp, rt, stage, phased, keep, eval_t0, rt.logger.log))
-        rt.logger.log(results[-1].line())
-    if keep and rt.is_main:
-        os.makedirs(hp.save_token_losses, exist_ok=True)
-        for r in results:
-            np.save(os.path.join(hp.save_token_losses, f"{r.stage}.npy"), r.token_losses.numpy())
-    return results
+@dataclass
+class Run:
+    """What every stage of one run shares."""
+    hp: Hyperparameters
+    rt: Runtime
+    backend: str                  # attention backend (choose_attention_backend)
+    source: bytes                 # this script's source: logged, hashed, shipped
+    luts: TokenByteLUTs
+    val: ValidationData
+    train_files: list[str]        # training shards (none for EVAL_ONLY)
+    record: dict                  # the run record, filled stage by stage
+
+    def log(self, msg: str = "", console: bool = True) -> None:
+        self.rt.logger.log(msg, console)
 
 
-def main() -> int:
-    hp = Hyperparameters.from_env()
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    hp.validate(world)
-    rt = init_runtime(hp)
-    backend = choose_attention_backend(hp, rt.device)  # before any data is read: a bad choice is a config error
-    log = rt.logger.log
-    for w in hp.unknown_env_warnings:
-        log(f"WARNING: {w}")
-        if rt.is_main:
-            print(f"WARNING: {w}", file=sys.stderr, flush=True)
+class Trained(NamedTuple):
+    model: GPT | None             # None when the run starts from an artifact (EVAL_ONLY)
+    result: TrainResult
+
+
+class Packed(NamedTuple):
+    path: str                     # the artifact file
+    code_bytes: int               # bytes of the shipped code (counted with the artifact)
+    hessian_s: float              # seconds of Hessian collection (0: none in this run)
+
+
+class Evaluated(NamedTuple):
+    results: list[EvalResult]
+    eval_s: float                 # artifact load + every eval stage
+    model_bytes: int
+
+
+def start_run(hp: Hyperparameters, rt: Runtime, backend: str) -> Run:
+    """Log the header (settings, versions, source), load the tokenizer and validation data, open the record."""
     source = code_source()
     code_sha = hashlib.sha256(source).hexdigest()
     device_name = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else platform.processor() or "cpu"
+    log = rt.logger.log
     log(f"run_id:{hp.run_id} preset:{hp.preset} world_size:{rt.world_size} grad_accum_steps:{rt.grad_accum_steps} "
         f"device:{rt.device.type} ({device_name})")
     log(f"code_sha256:{code_sha}")
@@ -2952,144 +2981,196 @@ def main() -> int:
     for k, v in sorted(hp.as_dict().items()):
         log(f"  {k}: {v}")
     log(source.decode("utf-8", "replace"), console=False)
-    data_path, tok_path = hp.resolved_paths()
-    sp = load_tokenizer(tok_path, hp.vocab_size)
-    luts = build_byte_luts(sp, hp.vocab_size)
+    luts = build_byte_luts(load_tokenizer(hp.resolved_paths()[1], hp.vocab_size), hp.vocab_size)
     val = load_validation(hp, luts)
     log(f"val_tokens: {val.num_targets} val_bytes: {int(val.target_bytes.sum())} byte_source:{val.source}"
         + ("" if hp.val_max_tokens == 0 else f" (VAL_MAX_TOKENS={hp.val_max_tokens}: NOT the full validation set)"))
     log(f"attention_backend:{backend} autocast_bf16:{autocast_context(hp, rt.device)._enabled} "
         f"compile:{int(compile_enabled(hp, rt.device))}")
+    train_files = [] if hp.eval_only else list_shards(hp.resolved_paths()[0], "train")
+    if train_files:
+        log(f"train_shards: {len(train_files)}")
     record = {"run_id": hp.run_id, "seed": hp.seed, "preset": hp.preset, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
               "config": hp.as_dict(), "env_overrides": env_overrides(hp), "code_sha256": code_sha,
               "code_bytes_raw": len(source), "commit": _git_commit(), "versions": _versions(),
               "device": device_name if rt.device.type == "cuda" else f"cpu ({device_name})",
               "world_size": rt.world_size, "stages": {}, "train_log": [], "val_log": [], "clip_table": []}
-    stages = record["stages"]
-    train_res, hessian_s = TrainResult(), 0.0
-    if hp.eval_only:
-        artifact_path = hp.artifact
-        code_bytes = len(shipped_code(source)[0])
+    return Run(hp, rt, backend, source, luts, val, train_files, record)
+
+
+def save_torch(path: str, obj) -> None:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    write_atomic(path, buf.getvalue())
+
+
+def train_stage(run: Run) -> Trained:
+    """Train under the wall-clock budget and apply the EMA; REQUANT_FROM loads a saved pre-quantization model
+    instead. The result is saved for REQUANT_FROM sweeps (SAVE_PREQUANT)."""
+    hp, rt = run.hp, run.rt
+    model = GPT(hp, run.luts.bos_id, run.backend).to(rt.device)
+    run.log(f"model_params:{count_parameters(model)}")
+    if hp.requant_from:
+        saved = torch.load(hp.requant_from, map_location=rt.device)
+        model.load_state_dict(saved["state"])
+        model.looping = saved["looping"]
+        run.log(f"requant_from:{hp.requant_from} (training skipped)")
+        return Trained(model, TrainResult())
+    result, ema = train(hp, rt, model, run.train_files, run.val, run.luts)
+    if hp.ema_decay > 0:
+        run.log(f"ema:applying EMA weights (decay {hp.ema_decay})")
+        ema.apply_to(model)
+    model.looping = result.looping_step is not None
+    if hp.save_prequant and rt.is_main:
+        save_torch(os.path.join(rt.run_dir, "prequant_model.pt"), {"state": model.state_dict(), "looping": model.looping})
+    return Trained(model, result)
+
+
+def quantize_stage(run: Run, trained: Trained) -> Packed:
+    """Diagnostic eval of the trained model, Hessians (timed: they count in the training budget), GPTQ with the
+    chosen clipping, the artifact and the shipped code written."""
+    hp, rt, model = run.hp, run.rt, trained.model
+    r = eval_val(model, run.val, hp, rt, "prequant")
+    run.record["stages"]["prequant"] = r
+    run.log(r.line().replace("prequant", "diagnostic pre-quantization post-ema", 1))
+    t0 = time.perf_counter()
+    saved_h = os.path.join(os.path.dirname(hp.requant_from), "hessians.pt") if hp.requant_from else ""
+    if saved_h and os.path.isfile(saved_h):  # a sweep reuses the run's Hessians: no training data needed
+        hessians = torch.load(saved_h, map_location=rt.device)
+        run.log(f"GPTQ:reusing {len(hessians)} Hessians from {saved_h}")
     else:
-        train_files = list_shards(data_path, "train")
-        log(f"train_shards: {len(train_files)}")
-        model = GPT(hp, luts.bos_id, backend).to(rt.device)
-        log(f"model_params:{count_parameters(model)}")
-        if hp.requant_from:
-            saved = torch.load(hp.requant_from, map_location=rt.device)
-            model.load_state_dict(saved["state"])
-            model.looping = saved["looping"]
-            log(f"requant_from:{hp.requant_from} (training skipped)")
-        else:
-            train_res, ema = train(hp, rt, model, train_files, val, luts)
-            if hp.ema_decay > 0:
-                log(f"ema:applying EMA weights (decay {hp.ema_decay})")
-                ema.apply_to(model)
-            model.looping = train_res.looping_step is not None
-            if hp.save_prequant and rt.is_main:
-                buf = io.BytesIO()
-                torch.save({"state": model.state_dict(), "looping": model.looping}, buf)
-                write_atomic(os.path.join(rt.run_dir, "prequant_model.pt"), buf.getvalue())
-        r = eval_val(model, val, hp, rt, "prequant")
-        stages["prequant"] = r
-        log(r.line().replace("prequant", "diagnostic pre-quantization post-ema", 1))
-        t0 = time.perf_counter()
-        saved_h = os.path.join(os.path.dirname(hp.requant_from), "hessians.pt") if hp.requant_from else ""
-        if saved_h and os.path.isfile(saved_h):  # a sweep reuses the run's Hessians: no training data needed
-            hessians = torch.load(saved_h, map_location=rt.device)
-            log(f"GPTQ:reusing {len(hessians)} Hessians from {saved_h}")
-        else:
-            log(f"GPTQ:collecting Hessians from calibration data (training shards, {hp.gptq_calibration_batches} "
+        run.log(f"GPTQ:collecting Hessians from calibration data (training shards, {hp.gptq_calibration_batches} "
                 f"batches x {hp.calibration_batch_tokens} tokens/rank)...")
-            hessians = collect_hessians(model, calibration_loader(hp, rt, train_files), hp.gptq_calibration_batches,
-                                        hp, rt)
-            if hp.save_prequant and rt.is_main:
-                buf = io.BytesIO()
-                torch.save(hessians, buf)
-                write_atomic(os.path.join(rt.run_dir, "hessians.pt"), buf.getvalue())
-        hessian_s = time.perf_counter() - t0
-        log(f"GPTQ:collected {len(hessians)} Hessians in {hessian_s:.1f}s")
-        total = train_res.train_time_ms / 1000 + hessian_s
-        if hp.max_wallclock_seconds > 0 and not hp.requant_from:
-            log(f"budget: train_time:{train_res.train_time_ms / 1000:.1f}s hessian_time:{hessian_s:.1f}s "
-                f"sum:{total:.1f}s / {hp.max_wallclock_seconds:.0f}s {'OK' if total <= hp.max_wallclock_seconds else 'OVER'}")
-        else:
-            log("budget: fixed-step mode (MAX_WALLCLOCK_SECONDS=0 or REQUANT_FROM): not budget-compliant")
-        shipped, code_kind = shipped_code(source)
-        code_bytes = len(shipped)
-        log(f"Code size (uncompressed): {len(source)} bytes")
-        log(f"Code size (shipped, {code_kind}): {code_bytes} bytes")
-        cfg = model_config_for_artifact(hp, luts.bos_id, model.looping)
-        t0 = time.perf_counter()
-        entries, table = quantize_state(model.state_dict(), hessians, hp, log, code_bytes,
-                                        lambda e: len(pack_artifact(e, cfg, hp.compressor)))
-        record["clip_table"] = table
-        log("clip_table: name numel h_mean row_var sigma bits")
-        for row in table:
-            log(f"  {row['name']} {row['numel']} {row['h_mean']:.4e} {row['row_var']:.4e} {row['sigma']:.3f} {row['bits']}")
-        blob = pack_artifact(entries, cfg, hp.compressor)
-        log(f"quantize+pack: {time.perf_counter() - t0:.1f}s compressor:{hp.compressor}")
-        artifact_path = os.path.join(rt.run_dir, "final_model.ptz")
-        if rt.is_main:
-            write_atomic(artifact_path, blob)
-            write_atomic(os.path.join(rt.run_dir, "train_gpt_shipped.py"), shipped)
-        if rt.distributed:
-            dist.barrier()
-        del model
+        hessians = collect_hessians(model, calibration_loader(hp, rt, run.train_files), hp.gptq_calibration_batches,
+                                    hp, rt)
+        if hp.save_prequant and rt.is_main:
+            save_torch(os.path.join(rt.run_dir, "hessians.pt"), hessians)
+    hessian_s = time.perf_counter() - t0
+    run.log(f"GPTQ:collected {len(hessians)} Hessians in {hessian_s:.1f}s")
+    total = trained.result.train_time_ms / 1000 + hessian_s
+    if hp.max_wallclock_seconds > 0 and not hp.requant_from:
+        run.log(f"budget: train_time:{trained.result.train_time_ms / 1000:.1f}s hessian_time:{hessian_s:.1f}s sum:"
+                f"{total:.1f}s / {hp.max_wallclock_seconds:.0f}s {'OK' if total <= hp.max_wallclock_seconds else 'OVER'}")
+    else:
+        run.log("budget: fixed-step mode (MAX_WALLCLOCK_SECONDS=0 or REQUANT_FROM): not budget-compliant")
+    shipped, code_kind = shipped_code(run.source)
+    run.log(f"Code size (uncompressed): {len(run.source)} bytes")
+    run.log(f"Code size (shipped, {code_kind}): {len(shipped)} bytes")
+    cfg = model_config_for_artifact(hp, run.luts.bos_id, model.looping)
+    t0 = time.perf_counter()
+    entries, table = quantize_state(model.state_dict(), hessians, hp, run.log, len(shipped),
+                                    lambda e: len(pack_artifact(e, cfg, hp.compressor)))
+    run.record["clip_table"] = table
+    run.log("clip_table: name numel h_mean row_var sigma bits")
+    for row in table:
+        run.log(f"  {row['name']} {row['numel']} {row['h_mean']:.4e} {row['row_var']:.4e} {row['sigma']:.3f} "
+                f"{row['bits']}")
+    blob = pack_artifact(entries, cfg, hp.compressor)
+    run.log(f"quantize+pack: {time.perf_counter() - t0:.1f}s compressor:{hp.compressor}")
+    path = os.path.join(rt.run_dir, "final_model.ptz")
+    if rt.is_main:
+        write_atomic(path, blob)
+        write_atomic(os.path.join(rt.run_dir, "train_gpt_shipped.py"), shipped)
+    if rt.distributed:
+        dist.barrier()
+    return Packed(path, len(shipped), hessian_s)
+
+
+def evaluate_stage(run: Run, packed: Packed) -> Evaluated:
+    """Every score from a model rebuilt from the artifact bytes alone: plain, sliding (EVAL_STRIDE), phased TTT
+    (TTT_ENABLED). The eval clock starts before the artifact is read."""
+    hp, rt = run.hp, run.rt
     eval_t0 = time.perf_counter()
-    with open(artifact_path, "rb") as f:
+    with open(packed.path, "rb") as f:
         blob = f.read()
-    model_bytes = len(blob)
-    artifact_bytes = code_bytes + model_bytes
-    log(f"artifact_bytes:{artifact_bytes} code_bytes:{code_bytes} model_bytes:{model_bytes} "
-        f"limit:{ARTIFACT_LIMIT_BYTES} bytes_left:{ARTIFACT_LIMIT_BYTES - artifact_bytes}")
-    over = artifact_bytes > ARTIFACT_LIMIT_BYTES
-    if over:
-        log(f"ERROR: ARTIFACT OVER THE 16,000,000-BYTE LIMIT by {artifact_bytes - ARTIFACT_LIMIT_BYTES} bytes; "
-            f"kept at {artifact_path} for inspection")
-    model = model_from_artifact(blob, hp, rt.device, backend)
-    log(f"artifact_load: {time.perf_counter() - eval_t0:.1f}s")
-    for r in run_evaluations(model, val, hp, rt, eval_t0):
-        stages[r.stage] = r
+    artifact_bytes = packed.code_bytes + len(blob)
+    run.log(f"artifact_bytes:{artifact_bytes} code_bytes:{packed.code_bytes} model_bytes:{len(blob)} "
+            f"limit:{ARTIFACT_LIMIT_BYTES} bytes_left:{ARTIFACT_LIMIT_BYTES - artifact_bytes}")
+    if artifact_bytes > ARTIFACT_LIMIT_BYTES:
+        run.log(f"ERROR: ARTIFACT OVER THE 16,000,000-BYTE LIMIT by {artifact_bytes - ARTIFACT_LIMIT_BYTES} bytes; "
+                f"kept at {packed.path} for inspection")
+    model = model_from_artifact(blob, hp, rt.device, run.backend)
+    run.log(f"artifact_load: {time.perf_counter() - eval_t0:.1f}s")
+    keep = bool(hp.save_token_losses)
+    evals = [lambda: eval_val(model, run.val, hp, rt, "quantized", keep)]
+    if hp.eval_stride and hp.eval_stride < hp.eval_seq_len:
+        evals.append(lambda: eval_sliding(model, run.val, hp, rt, "quantized_sliding", keep))
+    if hp.ttt_enabled:
+        phased = hp.phased_ttt_num_phases > 0 and hp.phased_ttt_prefix_docs > 0
+        evals.append(lambda: eval_ttt(model, run.val, hp, rt, "quantized_ttt_phased" if phased else "quantized_ttt",
+                                      phased, keep, eval_t0, rt.logger.log))
+    results = []
+    for evaluate in evals:
+        results.append(evaluate())
+        run.log(results[-1].line())
+    if keep and rt.is_main:
+        os.makedirs(hp.save_token_losses, exist_ok=True)
+        for r in results:
+            np.save(os.path.join(hp.save_token_losses, f"{r.stage}.npy"), r.token_losses.numpy())
     eval_s = time.perf_counter() - eval_t0
-    final = list(stages.values())[-1]
-    log(f"total_eval_time:{eval_s:.1f}s")
-    train_budget_ok = hp.max_wallclock_seconds > 0 and not hp.requant_from and not hp.eval_only and \
-        train_res.train_time_ms / 1000 + hessian_s <= hp.max_wallclock_seconds
-    compliance = {"train_plus_hessian_s": train_res.train_time_ms / 1000 + hessian_s,
-                  "train_budget_s": hp.max_wallclock_seconds, "budget_compliant": train_budget_ok,
-                  "eval_time_s": eval_s, "eval_budget_s": hp.eval_time_budget,
+    run.log(f"total_eval_time:{eval_s:.1f}s")
+    return Evaluated(results, eval_s, len(blob))
+
+
+def finish_run(run: Run, trained: Trained, packed: Packed, evaluated: Evaluated) -> int:
+    """Compliance block, final lines and the run record. Exit code 3 when the artifact is over the limit."""
+    hp, rt, record, res = run.hp, run.rt, run.record, trained.result
+    stages = record["stages"]
+    stages.update({r.stage: r for r in evaluated.results})
+    final, eval_s = evaluated.results[-1], evaluated.eval_s
+    artifact_bytes = packed.code_bytes + evaluated.model_bytes
+    over = artifact_bytes > ARTIFACT_LIMIT_BYTES
+    train_plus_hessian = res.train_time_ms / 1000 + packed.hessian_s
+    budget_ok = hp.max_wallclock_seconds > 0 and not hp.requant_from and not hp.eval_only and \
+        train_plus_hessian <= hp.max_wallclock_seconds
+    compliance = {"train_plus_hessian_s": train_plus_hessian, "train_budget_s": hp.max_wallclock_seconds,
+                  "budget_compliant": budget_ok, "eval_time_s": eval_s, "eval_budget_s": hp.eval_time_budget,
                   "eval_within_budget": eval_s <= hp.eval_time_budget, "artifact_under_limit": not over,
                   "calibration_source": "training shards (fineweb_train_*), shuffled sequences",
                   "ttt_mode": final.stage if hp.ttt_enabled else "none",
-                  "tokens_scored": final.tokens, "val_tokens": val.num_targets,
+                  "tokens_scored": final.tokens, "val_tokens": run.val.num_targets,
                   "full_validation": hp.val_max_tokens == 0}
-    log("compliance: " + json.dumps(compliance, sort_keys=True))
+    run.log("compliance: " + json.dumps(compliance, sort_keys=True))
     if eval_s > hp.eval_time_budget:
-        log(f"ERROR: EVALUATION TOOK {eval_s:.0f}s > EVAL_TIME_BUDGET={hp.eval_time_budget:.0f}s")
+        run.log(f"ERROR: EVALUATION TOOK {eval_s:.0f}s > EVAL_TIME_BUDGET={hp.eval_time_budget:.0f}s")
     record.update({
-        "train": {"steps": train_res.steps, "train_time_ms": train_res.train_time_ms,
-                  "step_avg_ms": train_res.step_avg_ms, "tokens_per_s": train_res.tokens_per_s,
-                  "hessian_time_ms": hessian_s * 1000, "hessian_estimate_s": train_res.hessian_estimate_s,
-                  "budget_s": hp.max_wallclock_seconds, "budget_compliant": train_budget_ok,
-                  "stop_reason": train_res.stop_reason or ("eval_only" if hp.eval_only else "requant")},
+        "train": {"steps": res.steps, "train_time_ms": res.train_time_ms, "step_avg_ms": res.step_avg_ms,
+                  "tokens_per_s": res.tokens_per_s, "hessian_time_ms": packed.hessian_s * 1000,
+                  "hessian_estimate_s": res.hessian_estimate_s, "budget_s": hp.max_wallclock_seconds,
+                  "budget_compliant": budget_ok,
+                  "stop_reason": res.stop_reason or ("eval_only" if hp.eval_only else "requant")},
         "stages": {k: {"val_loss": v.val_loss, "val_bpb": v.val_bpb, "eval_time_ms": v.time_ms, "tokens": v.tokens,
                        "bytes": v.bytes, **({"info": v.info} if v.info else {})} for k, v in stages.items()},
         "final": {"stage": final.stage, "val_loss": final.val_loss, "val_bpb": final.val_bpb},
-        "artifact": {"path": artifact_path, "artifact_bytes": artifact_bytes, "code_bytes": code_bytes,
-                     "model_bytes": model_bytes, "limit": ARTIFACT_LIMIT_BYTES,
+        "artifact": {"path": packed.path, "artifact_bytes": artifact_bytes, "code_bytes": packed.code_bytes,
+                     "model_bytes": evaluated.model_bytes, "limit": ARTIFACT_LIMIT_BYTES,
                      "bytes_left": ARTIFACT_LIMIT_BYTES - artifact_bytes, "under_limit": not over},
-        "eval_time_s": eval_s, "compliance": compliance, "train_log": train_res.train_log,
-        "val_log": train_res.val_log})
+        "eval_time_s": eval_s, "compliance": compliance, "train_log": res.train_log, "val_log": res.val_log})
     if rt.is_main:
         write_atomic(os.path.join(rt.run_dir, "run_record.json"), json.dumps(record, indent=1, default=str).encode())
-    log(f"final {final.stage} val_loss:{final.val_loss:.8f} val_bpb:{final.val_bpb:.8f}")
-    log(f"run_record: {os.path.join(rt.run_dir, 'run_record.json')}")
+    run.log(f"final {final.stage} val_loss:{final.val_loss:.8f} val_bpb:{final.val_bpb:.8f}")
+    run.log(f"run_record: {os.path.join(rt.run_dir, 'run_record.json')}")
     rt.logger.close()
     if rt.distributed:
         dist.barrier()
         dist.destroy_process_group()
     return 3 if over else 0
+
+
+def main() -> int:
+    """config -> runtime -> train -> quantize + pack -> evaluate -> record. EVAL_ONLY enters at the evaluation
+    stage with ARTIFACT; REQUANT_FROM enters the train stage with a saved model instead of training."""
+    hp = Hyperparameters.from_env()
+    hp.validate(int(os.environ.get("WORLD_SIZE", 1)))
+    rt = init_runtime(hp)
+    run = start_run(hp, rt, choose_attention_backend(hp, rt.device))
+    if hp.eval_only:
+        trained, packed = Trained(None, TrainResult()), Packed(hp.artifact, len(shipped_code(run.source)[0]), 0.0)
+    else:
+        trained = train_stage(run)
+        packed = quantize_stage(run, trained)
+        trained = trained._replace(model=None)  # free it: the evaluated model is rebuilt from the artifact
+    return finish_run(run, trained, packed, evaluate_stage(run, packed))
 
 
 if __name__ == "__main__":

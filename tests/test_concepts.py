@@ -143,7 +143,8 @@ def test_every_cited_name_exists(modules):
     assert not problems, "learning_concepts.md cites names that do not exist:\n" + "\n".join(problems)
 
 
-@pytest.mark.parametrize("doc", ["docs/strategy.md", "docs/workstation.md", "docs/runpod_guide.md"])
+@pytest.mark.parametrize("doc", ["docs/strategy.md", "docs/workstation.md", "docs/runpod_guide.md",
+                                 "docs/architecture.md"])
 def test_docs_cite_existing_names(doc, modules):
     """The other guides follow the same rule when they exist."""
     path = os.path.join(ROOT, doc)

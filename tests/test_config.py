@@ -63,11 +63,67 @@ def test_missing_tokenizer(sample, tmp_path):
         hp.validate(1)
 
 
-def test_did_you_mean():
+def test_near_miss_env_var_stops_the_run_unless_declared():
+    """MATRX_LR=0.1 used to warn and train with the default: a wasted paid run. Now a config error naming the
+    setting it resembles; EXTRA_ENV declares a deliberate variable."""
     hp = T.Hyperparameters.from_env({"MATRX_LR": "0.1", "NUM_LAYER": "3", "HOME": "/x", "LANG": "C"})
-    text = " ".join(hp.unknown_env_warnings)
-    assert "did you mean MATRIX_LR" in text and "did you mean NUM_LAYERS" in text
-    assert "HOME" not in text and "LANG" not in text
+    with pytest.raises(T.ConfigError) as e:
+        hp.validate(1, check_files=False)
+    text = str(e.value)
+    assert "2 errors" in text and "MATRX_LR is set but is not a setting" in text and "did you mean MATRIX_LR" in text
+    assert "did you mean NUM_LAYERS" in text and "HOME" not in text and "LANG" not in text
+    ok = T.Hyperparameters.from_env({"MATRX_LR": "0.1", "NUM_LAYER": "3", "EXTRA_ENV": "matrx_lr, NUM_LAYER"})
+    ok.validate(1, check_files=False)
+
+
+def test_every_config_error_is_reported_at_once(tmp_path):
+    hp = T.Hyperparameters.from_env({"MATRIX_LR": "-1", "NUM_HEADS": "7", "CLIP_MODE": "magic",
+                                     "WARMDOWN_FRAC": "2", "DATA_DIR": str(tmp_path)})
+    with pytest.raises(T.ConfigError) as e:
+        hp.validate(3)
+    text = str(e.value)
+    for needle in ("MATRIX_LR=-1.0: must be >= 0", "MODEL_DIM=512: must be divisible by NUM_HEADS=7",
+                   "CLIP_MODE='magic': must be one of", "WARMDOWN_FRAC=2.0: must be in [0, 1]",
+                   "WORLD_SIZE=3: must divide 8", "DATA_PATH=", "TOKENIZER_PATH="):
+        assert needle in text, needle
+    assert text.split(" ")[1:4] == ["errors", "in", "the"] and int(text.split(" ")[0]) >= 7
+
+
+def test_settings_declare_group_and_bounds():
+    groups = {f.name: f.metadata["group"] for f in T.fields(T.Hyperparameters)}
+    assert set(groups.values()) == {"run", "model", "optimizer", "quantization", "evaluation"}
+    assert T.Hyperparameters.artifact_fields() == [n for n, g in groups.items() if g == "model"
+                                                   or n in ("train_seq_len", "lqer_asym_group")]
+    choices = {f.name: f.metadata["choices"] for f in T.fields(T.Hyperparameters)}
+    assert choices["muon_coeffs"]() == tuple(T.NS_COEFFICIENTS) and choices["compressor"]() == tuple(T.COMPRESSORS)
+
+
+def test_the_artifact_stores_every_setting_the_model_reads():
+    """A model flag missing from the artifact would rebuild a different model, silently. Record every setting
+    GPT reads while it is built and runs (initialisation values aside): all must be artifact fields."""
+    read = set()
+
+    class Spy(T.Hyperparameters):
+        def __getattribute__(self, name):
+            if name in T.Hyperparameters.__dataclass_fields__:
+                read.add(name)
+            return super().__getattribute__(name)
+    from conftest import TINY
+    hp = Spy(**T.dataclasses.asdict(T.Hyperparameters.from_env({**TINY, "TIE_EMBEDDINGS": "0", "ROPE_YARN": "1"})))
+    real_reset = T.GPT.reset_parameters
+    try:
+        T.GPT.reset_parameters = lambda self: None  # init values do not need to be stored
+        model = T.GPT(hp, 1, "sdpa")
+    finally:
+        T.GPT.reset_parameters = real_reset
+    ids = T.torch.randint(2, 100, (2, 256))
+    for looping in (False, True):
+        model.looping = looping
+        model(ids, ids)
+    # kernel choices and the rotary table's length (it is sliced, or computed beyond) come from the running config
+    runtime = {"fused_ce_enabled", "fused_mlp_enabled", "eval_seq_len", "ttt_eval_seq_len"}
+    stored = set(T.Hyperparameters.artifact_fields())
+    assert len(read) > 20 and read - runtime <= stored, read - runtime - stored
 
 
 def test_bad_config_fails_fast_from_the_command_line(tmp_path):
