@@ -8,7 +8,6 @@ Importing this file has no side effects; tests import its functions.
 from __future__ import annotations
 
 import ast
-import base64
 import copy
 import dataclasses
 import datetime
@@ -26,6 +25,7 @@ import struct
 import subprocess
 import sys
 import time
+import tokenize
 import uuid
 import zlib
 from dataclasses import dataclass, field, fields
@@ -194,7 +194,7 @@ class Hyperparameters:
     lqer_rank: int = setting(4, QUANT, lo=0)
     lqer_top_k: int = setting(3, QUANT, lo=0)
     lqer_asym_group: int = setting(64, QUANT, above=0, artifact=True)  # dequantization needs it
-    compressor: str = setting("zstd", QUANT, choices=lambda: tuple(COMPRESSORS))
+    compressor: str = setting("rans", QUANT, choices=lambda: (*COMPRESSORS, "rans"))  # rans = weight coder
     save_prequant: bool = setting(True, QUANT)     # write prequant_model.pt + hessians.pt for REQUANT_FROM sweeps
     requant_from: str = setting("", QUANT)         # a saved prequant_model.pt: skip training (reuses hessians.pt)
     # ---- evaluation and test-time training -----------------------------------------------------------------
@@ -490,24 +490,6 @@ SHARD_HEADER_BYTES = SHARD_HEADER_INTS * 4
 
 class ShardError(ValueError):
     """A shard file that does not follow the official format; the message names the file."""
-
-
-def write_shard(path: str, tokens) -> None:
-    """Official shard: 256 int32 header (magic, version, count), then uint16 tokens. Atomic."""
-    arr = np.asarray(tokens)
-    if arr.ndim != 1:
-        raise ShardError(f"{path}: tokens must be 1-D, got shape {arr.shape}")
-    if arr.size and (arr.min() < 0 or arr.max() >= 2**16):
-        raise ShardError(f"{path}: token ids must lie in [0, 65535] to fit uint16")
-    if arr.size >= 2**31:
-        raise ShardError(f"{path}: {arr.size} tokens do not fit one shard (< 2^31)")
-    header = np.zeros(SHARD_HEADER_INTS, dtype="<i4")
-    header[:3] = (SHARD_MAGIC, SHARD_VERSION, arr.size)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(header.tobytes())
-        f.write(arr.astype("<u2", copy=False).tobytes())
-    os.replace(tmp, path)
 
 
 def read_shard_header(path: str) -> int:
@@ -2029,6 +2011,30 @@ def dequantize_state(qs: dict[str, QEntry], lqer_group: int) -> dict[str, torch.
     return {k: dequantize_entry(e, lqer_group) for k, e in qs.items()}
 
 
+def sort_hidden_units(state: dict[str, torch.Tensor], hessians: dict[str, torch.Tensor]
+                      ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Reorder every MLP's hidden units so that consecutive units have similar weights (greedy nearest
+    neighbour in L1 over the fc row and the proj column, each scaled like its quantization rows). The model
+    computes the same function (the activation is elementwise), no permutation is stored, and the weight
+    coder's "code above" context sees a similar unit. The proj Hessian follows the permutation."""
+    state, hessians = dict(state), dict(hessians)
+    for fc_name in [n for n in state if n.endswith(".mlp.fc.weight")]:
+        proj_name = fc_name.replace(".mlp.fc.", ".mlp.proj.")
+        fc, proj = state[fc_name].float(), state[proj_name].float()
+        feat = torch.cat([fc / fc.std(1, keepdim=True).clamp_min(1e-12),
+                          (proj / proj.std(1, keepdim=True).clamp_min(1e-12)).T], 1)
+        left = torch.ones(len(feat), dtype=torch.bool, device=feat.device)
+        order = [0]
+        for _ in range(len(feat) - 1):
+            left[order[-1]] = False
+            order.append(int((feat - feat[order[-1]]).abs().sum(1).masked_fill(~left, float("inf")).argmin()))
+        idx = torch.tensor(order, device=fc.device)
+        state[fc_name], state[proj_name] = state[fc_name][idx], state[proj_name][:, idx]
+        if proj_name in hessians:
+            hessians[proj_name] = hessians[proj_name][idx.to(hessians[proj_name].device)][:, idx]
+    return state, hessians
+
+
 def quantize_state(state: dict[str, torch.Tensor], hessians: dict[str, torch.Tensor], hp: Hyperparameters,
                    log=print, code_bytes: int = 0, model_bytes_of=None) -> tuple[dict[str, QEntry], list[dict]]:
     """Quantize a model state dict. Returns the entries and the per-tensor clip table. `model_bytes_of`
@@ -2181,7 +2187,7 @@ def budget_clip_sigmas(state, hessians, stats, start_sigmas, quantize, model_byt
 # =============================================================================================
 
 ARTIFACT_MAGIC = b"PGQA"
-ARTIFACT_VERSION = 1
+ARTIFACT_VERSION = 2  # 2: a codec per stream and the weight coder
 CODE_GROUPS = ("tok_emb", "attn.c_q", "attn.c_k", "attn.c_v", "attn.proj", "mlp.fc", "mlp.proj", "other")
 
 
@@ -2217,6 +2223,170 @@ def _byte_unshuffle(raw: bytes, width: int) -> bytes:
     return a.reshape(width, -1).T.copy().tobytes() if a.size else raw
 
 
+# ---- weight coder: rANS over the GPTQ codes with adaptive context frequencies ----------------------------
+# Codes are read row by row ("steps"), all columns ("lanes") at once. A code's context is the expected size of
+# codes at its place, from two stored class vectors per tensor (half-octave classes of the mean |code| of each
+# row and of each column: input channels and hidden units differ a lot in width), and the code just above it
+# (an MLP's hidden units are sorted by similarity first, see sort_hidden_units). Frequencies adapt per context
+# and role (attn.c_q, mlp.fc, ...) across the layers, in integer arithmetic only, so encoder and decoder agree
+# bit for bit on any machine. One interleaved rANS stream serves all lanes (Giesen, "Interleaved entropy
+# coders", 2014): 32-bit states, 16-bit renormalisation, at most one word per lane and step.
+RANS_PREC = 15          # frequencies sum to 2^15
+RANS_LOW = 1 << 16      # states live in [2^16, 2^32)
+
+
+class CoderSpec(NamedTuple):
+    """The weight coder's context model; stored in the artifact header, so the decoder uses the same."""
+    class_range: int = 6      # row/column classes: half-octaves of mean |code| vs the tensor's, +-class_range
+    prev_clip: int = 2        # the code above (same column, previous row) clipped to +-prev_clip; 0 = off
+    copy_percent: int = 60    # a row whose mean |difference to the row above| is under this % of its mean |code|
+                              # is coded as that difference (near-copies: e.g. rare tokens' embeddings); 0 = off
+    halve_at: int = 1 << 15   # a context's counts are halved past this total: frequencies follow the layers
+    size_prior: int = 16      # pseudo-counts pulling a size context towards the role's distribution
+    detail_prior: int = 32    # pseudo-counts pulling a (size, code above) context towards its size's
+    refresh: int = 16         # rows between recomputations of the frequency tables (their cost dominates)
+
+
+class ContextModel:
+    """Adaptive frequencies of one role's codes (or of the class vectors); encoder and decoder drive it alike.
+    Contexts are (size, detail) pairs; a context's estimate backs off to its size's, and that to the role's
+    (Dirichlet pseudo-counts), so a rare context borrows the shape of its parent instead of starting flat."""
+
+    def __init__(self, levels: int, n_size: int, n_detail: int, spec: "CoderSpec"):
+        self.levels, self.spec, self.cached, self.stale, self.updates = levels, spec, None, 0, 0
+        self.counts = np.zeros((n_size, n_detail, levels), np.int64)
+
+    def tables(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.cached is None or self.stale >= min(self.spec.refresh, 1 + self.updates // 8):  # young: every row
+            self.cached, self.stale = self.estimate(), 0
+        return self.cached
+
+    def estimate(self) -> tuple[np.ndarray, np.ndarray]:
+        c2, one, spec = self.counts, 1 << 20, self.spec  # estimates in units of 2^-20, integers throughout
+        c1 = c2.sum(1)
+        c0 = c1.sum(0)
+        p0 = (2 * c0 + 1) * one // (2 * c0.sum() + self.levels)
+        p1 = ((c1 * one + spec.size_prior * p0) // np.maximum(c1.sum(1, keepdims=True) + spec.size_prior, 1))[:, None]
+        p2 = (c2 * one + spec.detail_prior * p1) // np.maximum(c2.sum(2, keepdims=True) + spec.detail_prior, 1)
+        p2 = p2.reshape(-1, self.levels)
+        freq = 1 + p2 * ((1 << RANS_PREC) - self.levels) // np.maximum(p2.sum(1, keepdims=True), 1)
+        freq[np.arange(len(p2)), p2.argmax(1)] += (1 << RANS_PREC) - freq.sum(1)
+        cum = np.zeros((len(p2), self.levels + 1), np.int64)
+        np.cumsum(freq, 1, out=cum[:, 1:])
+        return freq, cum
+
+    def update(self, ctx: np.ndarray, sym: np.ndarray) -> None:
+        flat = self.counts.reshape(-1, self.levels)
+        flat += np.bincount(ctx * self.levels + sym, minlength=flat.size).reshape(flat.shape)
+        full = flat.sum(1) > self.spec.halve_at
+        flat[full] = (flat[full] + 1) // 2
+        self.stale, self.updates = self.stale + 1, self.updates + 1
+
+
+class CodedTensor(NamedTuple):
+    """One code tensor as the weight coder reads it: `role` picks its context model, `levels` = 2^bits."""
+    role: str
+    levels: int
+    codes: np.ndarray  # int64 [rows, cols] (decoder: only its shape is used)
+
+
+SIZE_REFERENCE = 2.0  # mean |code| that column class 0 (centre) stands for: columns carry the tensor's width
+
+
+def size_classes(codes: np.ndarray, spec: CoderSpec) -> np.ndarray:
+    """Half-octave classes (0-based) of the mean |code| of every row vs the tensor's mean, then of every column
+    vs SIZE_REFERENCE (their sum places a code's expected size on one absolute scale across tensors); a row
+    coded as its difference to the row above has 2 * class_range + 1 added to its class."""
+    r = spec.class_range
+    a = np.abs(codes).astype(np.float64)
+    mean = max(a.mean(), 1e-3)
+    rel = np.concatenate([a.mean(1) / mean, a.mean(0) / SIZE_REFERENCE])
+    classes = np.clip(np.round(2 * np.log2(np.maximum(rel, 1 / 64))), -r, r).astype(np.int64) + r
+    diff = np.abs(np.diff(codes, axis=0)).mean(1) * 100 < spec.copy_percent * a[1:].mean(1)
+    classes[1: len(codes)] += (2 * r + 1) * diff
+    return classes
+
+
+def walk_codes(tensors: list[CodedTensor], spec: CoderSpec, lanes: int, code_row, encode: bool) -> list[np.ndarray]:
+    """The one traversal shared by encoder and decoder: per tensor, its class vectors, then its rows of codes.
+    `code_row(model, ctx, known)` codes one row of symbols (known: the encoder's symbols, None when decoding)."""
+    r, n_prev, n_cls = spec.class_range, 2 * spec.prev_clip + 1, 2 * spec.class_range + 1
+    classes_model, models, out = ContextModel(2 * n_cls, 1, 1, spec), {}, []
+    for t in tensors:
+        rows, cols = t.codes.shape
+        known, classes = size_classes(t.codes, spec) if encode else None, []
+        for i in range(0, rows + cols, lanes):
+            zero = np.zeros(min(lanes, rows + cols - i), np.int64)
+            classes.append(code_row(classes_model, zero, None if known is None else known[i: i + lanes]))
+            classes_model.update(zero, classes[-1])
+        classes = np.concatenate(classes)
+        model = models.setdefault(t.role, ContextModel(t.levels, 4 * r + 1, n_prev, spec))
+        copies = models.setdefault(t.role + "/diff", ContextModel(t.levels, 4 * r + 1, 1, spec))
+        codes, above, half = np.empty((rows, cols), np.int64), np.zeros(cols, np.int64), t.levels // 2
+        for i in range(rows):
+            size = classes[rows:] + classes[i] % n_cls
+            if classes[i] >= n_cls:  # coded as the difference to the row above, modulo the alphabet
+                sym = code_row(copies, size, (t.codes[i] - above) % t.levels if encode else None)
+                copies.update(size, sym)
+                codes[i] = above = (sym + above + half) % t.levels - half
+                continue
+            ctx = size * n_prev + np.clip(above, -spec.prev_clip, spec.prev_clip) + spec.prev_clip
+            sym = code_row(model, ctx, t.codes[i] + half if encode else None)
+            model.update(ctx, sym)
+            codes[i] = above = sym - half
+        out.append(codes)
+    return out
+
+
+def rans_encode(tensors: list[CodedTensor], spec: CoderSpec) -> bytes:
+    """All tensors into one interleaved rANS stream: uint32 lane states, then uint16 words."""
+    lanes, freqs, starts = max(t.codes.shape[1] for t in tensors), [], []
+
+    def note(model: ContextModel, ctx: np.ndarray, sym: np.ndarray) -> np.ndarray:
+        freq, cum = model.tables()  # each symbol's frequency exactly as the decoder will see it
+        freqs.append(freq[ctx, sym].astype(np.uint64))
+        starts.append(cum[ctx, sym].astype(np.uint64))
+        return sym
+    walk_codes(tensors, spec, lanes, note, True)
+    x, words = np.full(lanes, RANS_LOW, np.uint64), []
+    for f, s in zip(reversed(freqs), reversed(starts)):  # rANS is last-in first-out
+        xs = x[:len(f)]
+        emit = xs >= (f << np.uint64(32 - RANS_PREC))
+        words.append((xs[emit] & np.uint64(0xFFFF)).astype("<u2"))
+        xs = np.where(emit, xs >> np.uint64(16), xs)
+        x[:len(f)] = (xs // f << np.uint64(RANS_PREC)) + xs % f + s
+    return x.astype("<u4").tobytes() + b"".join(w.tobytes() for w in reversed(words))
+
+
+def rans_decode(blob: bytes, tensors: list[CodedTensor], spec: CoderSpec) -> list[np.ndarray]:
+    """Inverse of rans_encode, given each tensor's role, levels and shape; ArtifactError on corrupt input."""
+    lanes = max(t.codes.shape[1] for t in tensors)
+    if len(blob) < 4 * lanes or len(blob) % 2:
+        raise ArtifactError("weight-coder stream truncated")
+    x = np.frombuffer(blob[: 4 * lanes], "<u4").astype(np.int64)
+    words = np.frombuffer(blob[4 * lanes:], "<u2").astype(np.int64)
+    pos, mask = 0, (1 << RANS_PREC) - 1
+
+    def decode(model: ContextModel, ctx: np.ndarray, _) -> np.ndarray:
+        nonlocal pos
+        freq, cum = model.tables()
+        xs = x[:len(ctx)]
+        slot = xs & mask
+        sym = (cum[ctx, 1:] <= slot[:, None]).sum(1)
+        xs = freq[ctx, sym] * (xs >> RANS_PREC) + slot - cum[ctx, sym]
+        need = xs < RANS_LOW
+        n = int(need.sum())
+        if pos + n > len(words):
+            raise ArtifactError("weight-coder stream truncated")
+        xs[need] = (xs[need] << 16) | words[pos: pos + n]
+        x[:len(ctx)], pos = xs, pos + n
+        return sym
+    out = walk_codes(tensors, spec, lanes, decode, False)
+    if pos != len(words) or (x != RANS_LOW).any():
+        raise ArtifactError("weight-coder stream corrupted (decoder did not end in its initial state)")
+    return out
+
+
 class StreamSlice(NamedTuple):
     """Where one part of a tensor (codes, scales, LQER factors, fp16 data) lives in the artifact: bytes
     offset..offset+length of the decompressed stream `stream`; 2-D codes are stored transposed (column-major
@@ -2229,11 +2399,17 @@ class StreamSlice(NamedTuple):
     transposed: bool
 
 
+def coder_view(name: str, q: torch.Tensor) -> torch.Tensor:
+    """Codes as the weight coder reads them: hidden units of the MLP on the step axis in both of its matrices."""
+    return q.T if ".mlp.proj." in name else q
+
+
 def pack_artifact(entries: dict[str, QEntry], config: dict, compressor: str = "zstd") -> bytes:
-    """Serialize quantized entries + the model config into one deterministic container."""
+    """Serialize quantized entries + the model config into one deterministic container. COMPRESSOR=rans codes
+    the GPTQ codes with the weight coder and every other stream with the better of zstd and lzma."""
     streams: dict[str, list[bytes]] = {}
     sizes: dict[str, int] = {}
-    tensors = []
+    tensors, coded = [], []
 
     def put(stream: str, arr: torch.Tensor, transpose: bool = False) -> StreamSlice:
         a = arr.contiguous()
@@ -2250,22 +2426,35 @@ def pack_artifact(entries: dict[str, QEntry], config: dict, compressor: str = "z
         if e.kind == "fp16":
             rec["parts"]["data"] = put("fp16", e.data)
         else:
-            rec["parts"]["q"] = put(f"codes.{_code_group(name)}" if e.kind == "gptq" else "int8", e.q, True)
+            if e.kind == "gptq" and compressor == "rans":
+                view = coder_view(name, e.q)
+                rec["parts"]["q"] = StreamSlice("rans", len(coded), 0, list(e.q.shape), "int8", view is not e.q)
+                coded.append(CodedTensor(_code_group(name), 1 << e.bits, view.numpy().astype(np.int64)))
+            else:
+                rec["parts"]["q"] = put(f"codes.{_code_group(name)}" if e.kind == "gptq" else "int8", e.q, True)
             rec["parts"]["scale"] = put("fp16", e.scale)
             for k, v in (e.lqer or {}).items():
                 rec["parts"][k] = put("fp16" if v.dtype == torch.float16 else "int8", v)
         tensors.append(rec)
-    compress = COMPRESSORS[compressor][0]
     body, stream_meta = [], []
     for sname in sorted(streams):
         raw = b"".join(streams[sname])
         if sname == "fp16":
             raw = _byte_shuffle(raw, 2)
-        comp = compress(raw)
-        stream_meta.append({"name": sname, "raw_len": len(raw), "len": len(comp), "crc32": zlib.crc32(comp)})
+        codecs = ("zstd", "lzma") if compressor == "rans" else (compressor,)
+        comp, codec = min(((COMPRESSORS[c][0](raw), c) for c in codecs), key=lambda t: len(t[0]))
+        stream_meta.append({"name": sname, "codec": codec, "raw_len": len(raw), "len": len(comp),
+                            "crc32": zlib.crc32(comp)})
+        body.append(comp)
+    spec = CoderSpec()
+    if coded:
+        comp = rans_encode(coded, spec)
+        stream_meta.append({"name": "rans", "codec": "rans", "raw_len": len(comp), "len": len(comp),
+                            "crc32": zlib.crc32(comp)})
         body.append(comp)
     header = json.dumps({"version": ARTIFACT_VERSION, "compressor": compressor, "config": config,
-                         "streams": stream_meta, "tensors": tensors}, sort_keys=True, separators=(",", ":"))
+                         "coder": spec._asdict(), "streams": stream_meta, "tensors": tensors},
+                        sort_keys=True, separators=(",", ":"))
     hz = zlib.compress(header.encode(), 9)
     return ARTIFACT_MAGIC + struct.pack("<HII", ARTIFACT_VERSION, len(hz), zlib.crc32(hz)) + hz + b"".join(body)
 
@@ -2275,29 +2464,37 @@ def unpack_artifact(blob: bytes) -> tuple[dict[str, QEntry], dict]:
     if len(blob) < 14 or blob[:4] != ARTIFACT_MAGIC:
         raise ArtifactError("not a Parameter Golf artifact (bad magic or too short)")
     version, hlen, hcrc = struct.unpack("<HII", blob[4:14])
-    if version != ARTIFACT_VERSION:
-        raise ArtifactError(f"artifact version {version}; this script reads version {ARTIFACT_VERSION}")
+    if version not in (1, ARTIFACT_VERSION):
+        raise ArtifactError(f"artifact version {version}; this script reads versions 1 and {ARTIFACT_VERSION}")
     hz = blob[14: 14 + hlen]
     if len(hz) != hlen or zlib.crc32(hz) != hcrc:
         raise ArtifactError("artifact header truncated or corrupted (CRC mismatch)")
     header = json.loads(zlib.decompress(hz))
-    if header["compressor"] not in COMPRESSORS:
-        raise ArtifactError(f"unknown compressor {header['compressor']!r}")
-    decompress = COMPRESSORS[header["compressor"]][1]
     pos, raw_streams = 14 + hlen, {}
     for sm in header["streams"]:
+        codec = sm.get("codec", header["compressor"])  # version 1: one compressor for every stream
+        if codec not in COMPRESSORS and codec != "rans":
+            raise ArtifactError(f"unknown compressor {codec!r}")
         comp = blob[pos: pos + sm["len"]]
         if len(comp) != sm["len"] or zlib.crc32(comp) != sm["crc32"]:
             raise ArtifactError(f"artifact stream {sm['name']!r} truncated or corrupted (CRC mismatch)")
-        raw = decompress(comp)
+        raw = comp if codec == "rans" else COMPRESSORS[codec][1](comp)
         if len(raw) != sm["raw_len"]:
             raise ArtifactError(f"artifact stream {sm['name']!r} decompressed to the wrong length")
         raw_streams[sm["name"]] = _byte_unshuffle(raw, 2) if sm["name"] == "fp16" else raw
         pos += sm["len"]
     if pos != len(blob):
         raise ArtifactError(f"artifact has {len(blob) - pos} trailing bytes")
+    recs = [(rec, StreamSlice(*rec["parts"]["q"])) for rec in header["tensors"] if "q" in rec["parts"]]
+    recs = sorted(((r, q) for r, q in recs if q.stream == "rans"), key=lambda rq: rq[1].offset)
+    decoded = rans_decode(raw_streams.get("rans", b""), [
+        CodedTensor(_code_group(r["name"]), 1 << r["bits"], np.broadcast_to(np.int64(0), q.shape[::-1] if q.transposed
+                    else q.shape)) for r, q in recs], CoderSpec(**header["coder"])) if recs else []
 
     def get(part: StreamSlice) -> torch.Tensor:
+        if part.stream == "rans":
+            t = torch.from_numpy(decoded[part.offset].astype(np.int8))
+            return t.T.contiguous() if part.transposed else t
         arr = np.frombuffer(raw_streams[part.stream][part.offset: part.offset + part.length],
                             dtype=getattr(np, part.dtype)).copy()
         t = torch.from_numpy(arr)
@@ -2310,21 +2507,6 @@ def unpack_artifact(blob: bytes) -> tuple[dict[str, QEntry], dict]:
                                       scale=p.get("scale"), data=p.get("data"), bits=rec["bits"],
                                       sigma=rec["sigma"], lqer=lq)
     return entries, header["config"]
-
-
-def stream_report(entries: dict[str, QEntry], config: dict, compressor: str) -> list[dict]:
-    """Per code group: compressed bytes vs the order-0 entropy bound of its symbols."""
-    blob = pack_artifact(entries, config, compressor)
-    hz_len = struct.unpack("<HII", blob[4:14])[1]
-    header = json.loads(zlib.decompress(blob[14: 14 + hz_len]))
-    rows = []
-    for sm in header["streams"]:
-        if not sm["name"].startswith("codes."):
-            continue
-        g = sm["name"][len("codes."):]
-        codes = torch.cat([e.q.reshape(-1) for n, e in entries.items() if e.kind == "gptq" and _code_group(n) == g])
-        rows.append({"group": g, "symbols": codes.numel(), "bytes": sm["len"], "entropy_bytes": order0_entropy_bytes(codes)})
-    return rows
 
 
 def model_config_for_artifact(hp: Hyperparameters, bos_id: int, looping: bool) -> dict:
@@ -2358,23 +2540,73 @@ def code_source() -> bytes:
 
 
 def minify_source(source: bytes) -> bytes:
-    """The same program without comments and docstrings (parse + unparse): fewer bytes to ship."""
+    """The same program in fewer bytes: no comments, docstrings or annotations (decorated functions keep theirs:
+    Triton reads `tl.constexpr`), short names for the locals of undecorated functions, no optional spaces.
+    Each step is checked against the parsed program; one that would change it is skipped."""
     tree = ast.parse(source)
+    module_names = {getattr(n, "id", getattr(n, "arg", getattr(n, "attr", getattr(n, "name", None))))
+                    for n in ast.walk(tree)}
     for node in ast.walk(tree):
         body = getattr(node, "body", None)
         if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and \
                 isinstance(getattr(body[0], "value", None), ast.Constant) and isinstance(body[0].value.value, str):
             node.body = body[1:] or [ast.Pass()]
-    return (ast.unparse(tree) + "\n").encode()
+        if isinstance(node, ast.FunctionDef) and not node.decorator_list:
+            node.returns = None
+            a = node.args
+            for arg in a.posonlyargs + a.args + a.kwonlyargs + [a.vararg, a.kwarg]:
+                if arg is not None:
+                    arg.annotation = None
+    for fn in [n for n in tree.body if isinstance(n, ast.FunctionDef)] + \
+            [m for c in tree.body if isinstance(c, ast.ClassDef) for m in c.body if isinstance(m, ast.FunctionDef)]:
+        sub = list(ast.walk(fn))
+        if fn.decorator_list or any(isinstance(n, (ast.ClassDef, ast.Global, ast.Nonlocal, ast.ExceptHandler,
+                                                   ast.Import, ast.ImportFrom)) for n in sub):
+            continue
+        args = {n.arg for n in sub if isinstance(n, ast.arg)}
+        local = sorted({n.id for n in sub if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)} - args)
+        short = (f"{c}{i or ''}" for i in range(99) for c in "abcdefghijklmnopqrstuvwxyz")
+        names = dict(zip(local, (x for x in short if x not in module_names and x not in args)))
+        for n in sub:
+            if isinstance(n, ast.Name) and len(n.id) > 2 and n.id in names:
+                n.id = names[n.id]
+    plain = ast.unparse(tree) + "\n"
+    lines = []
+    for line in plain.split("\n"):  # one statement per line from unparse: squeeze each on its own
+        text, prev = line.lstrip(" "), None
+        out = " " * ((len(line) - len(text)) // 4)
+        for tok in tokenize.generate_tokens(io.StringIO(text).readline) if text else []:
+            if tok.type in (tokenize.NEWLINE, tokenize.NL, tokenize.ENDMARKER, tokenize.INDENT, tokenize.DEDENT):
+                continue
+            if prev in (tokenize.NAME, tokenize.NUMBER) and tok.type in (tokenize.NAME, tokenize.NUMBER, tokenize.STRING):
+                out += " "
+            out, prev = out + tok.string, tok.type
+        lines.append(out)
+    squeezed = "\n".join(lines)
+    try:
+        same = ast.dump(ast.parse(squeezed)) == ast.dump(tree)
+    except SyntaxError:
+        same = False
+    return (squeezed if same else plain).encode()
+
+
+# Raw LZMA2 with the literal-context settings that suit Python text best (lc=3, pb=0: measured 0.5% smaller
+# than the .xz defaults, and no container header); the decoder needs only the filter id.
+CODE_LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME, "lc": 3, "lp": 0, "pb": 0}]
+# Bytes that cannot stand for themselves inside a '...' literal of a latin-1 source file.
+_LITERAL_ESCAPES = {0: "\\x00", 10: "\\n", 13: "\\r", 39: "\\'", 92: "\\\\"}
 
 
 def code_wrapper(source: bytes) -> bytes:
-    """A self-extracting, stdlib-only form of the script: minified, lzma + base85, exec'd as __main__."""
-    packed = base64.b85encode(lzma.compress(minify_source(source), preset=9 | lzma.PRESET_EXTREME)).decode()
+    """A self-extracting, stdlib-only form of the script: minified, raw LZMA2, stored as a latin-1 string literal
+    (1 byte per byte plus a few escapes, where base85 would add 25%), exec'd as __main__."""
+    packed = lzma.compress(minify_source(source), format=lzma.FORMAT_RAW, filters=CODE_LZMA_FILTERS)
+    literal = "".join(_LITERAL_ESCAPES.get(b, chr(b)) for b in packed)
     # linecache lets inspect (and so @triton.jit) read the source of the exec'd code
-    return ("import lzma,base64,linecache\n_PG_SOURCE=lzma.decompress(base64.b85decode('" + packed + "'))\n"
+    return ("# -*- coding: latin-1 -*-\nimport lzma,linecache\n_PG_SOURCE=lzma.decompress('" + literal +
+            "'.encode('latin-1'),lzma.FORMAT_RAW,None,[{'id':lzma.FILTER_LZMA2}])\n"
             "_n='train_gpt_src.py';linecache.cache[_n]=(len(_PG_SOURCE),None,_PG_SOURCE.decode().splitlines(True),_n)\n"
-            "exec(compile(_PG_SOURCE,_n,'exec'))\n").encode()
+            "exec(compile(_PG_SOURCE,_n,'exec'))\n").encode("latin-1")
 
 
 def shipped_code(source: bytes) -> tuple[bytes, str]:
@@ -2959,6 +3191,7 @@ class Packed(NamedTuple):
     path: str                     # the artifact file
     code_bytes: int               # bytes of the shipped code (counted with the artifact)
     hessian_s: float              # seconds of Hessian collection (0: none in this run)
+    unfitted_bpb: float = 0.0     # quantized val_bpb of the first packing when it was over the limit and refitted
 
 
 class Evaluated(NamedTuple):
@@ -3057,23 +3290,42 @@ def quantize_stage(run: Run, trained: Trained) -> Packed:
     run.log(f"Code size (uncompressed): {len(run.source)} bytes")
     run.log(f"Code size (shipped, {code_kind}): {len(shipped)} bytes")
     cfg = model_config_for_artifact(hp, run.luts.bos_id, model.looping)
-    t0 = time.perf_counter()
-    entries, table = quantize_state(model.state_dict(), hessians, hp, run.log, len(shipped),
-                                    lambda e: len(pack_artifact(e, cfg, hp.compressor)))
-    run.record["clip_table"] = table
-    run.log("clip_table: name numel h_mean row_var sigma bits")
-    for row in table:
-        run.log(f"  {row['name']} {row['numel']} {row['h_mean']:.4e} {row['row_var']:.4e} {row['sigma']:.3f} "
-                f"{row['bits']}")
-    blob = pack_artifact(entries, cfg, hp.compressor)
-    run.log(f"quantize+pack: {time.perf_counter() - t0:.1f}s compressor:{hp.compressor}")
+    state, hessians = sort_hidden_units(model.state_dict(), hessians)
+    blob, unfitted_bpb = quantize_and_pack(run, state, hessians, cfg, len(shipped), hp), 0.0
+    if len(shipped) + len(blob) > ARTIFACT_LIMIT_BYTES and hp.clip_mode != "budget":
+        # Fit instead of failing: score what does not fit, then aim CLIP_MODE=budget just under the cap.
+        unfitted = eval_val(model_from_artifact(blob, hp, rt.device, run.backend), run.val, hp, rt,
+                            "quantized_over_limit")
+        run.record["stages"]["quantized_over_limit"], unfitted_bpb = unfitted, unfitted.val_bpb
+        run.log(unfitted.line())
+        run.log(f"artifact_fit: {len(shipped) + len(blob)} bytes > {ARTIFACT_LIMIT_BYTES}: re-quantizing with "
+                f"CLIP_MODE=budget aimed at TARGET_ARTIFACT_BYTES={hp.target_artifact_bytes}")
+        blob = quantize_and_pack(run, state, hessians, cfg, len(shipped), dataclasses.replace(hp, clip_mode="budget"))
     path = os.path.join(rt.run_dir, "final_model.ptz")
     if rt.is_main:
         write_atomic(path, blob)
         write_atomic(os.path.join(rt.run_dir, "train_gpt_shipped.py"), shipped)
     if rt.distributed:
         dist.barrier()
-    return Packed(path, len(shipped), hessian_s)
+    return Packed(path, len(shipped), hessian_s, unfitted_bpb)
+
+
+def quantize_and_pack(run: Run, state: dict[str, torch.Tensor], hessians: dict[str, torch.Tensor], cfg: dict,
+                      code_bytes: int, hp: Hyperparameters) -> bytes:
+    """GPTQ at the configured clipping (the clip table logged), then the artifact bytes."""
+    t0 = time.perf_counter()
+    entries, table = quantize_state(state, hessians, hp, run.log, code_bytes,
+                                    lambda e: len(pack_artifact(e, cfg, hp.compressor)))
+    run.record["clip_table"] = table
+    run.log("clip_table: name numel h_mean row_var sigma bits")
+    for row in table:
+        run.log(f"  {row['name']} {row['numel']} {row['h_mean']:.4e} {row['row_var']:.4e} {row['sigma']:.3f} "
+                f"{row['bits']}")
+    t1 = time.perf_counter()
+    blob = pack_artifact(entries, cfg, hp.compressor)
+    run.log(f"quantize: {t1 - t0:.1f}s pack: {time.perf_counter() - t1:.1f}s compressor:{hp.compressor} "
+            f"model_bytes:{len(blob)}")
+    return blob
 
 
 def evaluate_stage(run: Run, packed: Packed) -> Evaluated:
@@ -3103,6 +3355,9 @@ def evaluate_stage(run: Run, packed: Packed) -> Evaluated:
     for evaluate in evals:
         results.append(evaluate())
         run.log(results[-1].line())
+        if len(results) == 1 and packed.unfitted_bpb:
+            run.log(f"artifact_fit: the fitted artifact costs {results[0].val_bpb - packed.unfitted_bpb:+.5f} bpb on "
+                    f"the pre-TTT quantized eval ({packed.unfitted_bpb:.5f} -> {results[0].val_bpb:.5f})")
     if keep and rt.is_main:
         os.makedirs(hp.save_token_losses, exist_ok=True)
         for r in results:

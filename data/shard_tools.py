@@ -2,7 +2,8 @@
 
 Used by `data/build_offline_sample.py` (offline sample from local text) and
 `data/download_hf_docs_and_tokenize.py` (the FineWeb retokenizer). The shard format itself
-(`write_shard`, `read_shard_header`, ...) lives in train_gpt.py and is imported from there.
+(`read_shard_header`, the header constants) lives in train_gpt.py; the writer, which no training run
+needs, lives here.
 """
 from __future__ import annotations
 
@@ -28,6 +29,24 @@ import caseops  # noqa: E402
 import train_gpt  # noqa: E402
 
 BOS_ID = 1
+
+
+def write_shard(path: str, tokens) -> None:
+    """Official shard: 256 int32 header (magic, version, count), then uint16 tokens. Atomic."""
+    arr = np.asarray(tokens)
+    if arr.ndim != 1:
+        raise train_gpt.ShardError(f"{path}: tokens must be 1-D, got shape {arr.shape}")
+    if arr.size and (arr.min() < 0 or arr.max() >= 2**16):
+        raise train_gpt.ShardError(f"{path}: token ids must lie in [0, 65535] to fit uint16")
+    if arr.size >= 2**31:
+        raise train_gpt.ShardError(f"{path}: {arr.size} tokens do not fit one shard (< 2^31)")
+    header = np.zeros(train_gpt.SHARD_HEADER_INTS, dtype="<i4")
+    header[:3] = (train_gpt.SHARD_MAGIC, train_gpt.SHARD_VERSION, arr.size)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(header.tobytes())
+        f.write(arr.astype("<u2", copy=False).tobytes())
+    os.replace(tmp, path)
 PAD_ID, EOS_ID, UNK_ID = 0, 2, 3
 
 
@@ -178,7 +197,7 @@ class ShardWriter:
             return
         name = f"{self.prefix}_{len(self.files):06d}.bin"
         path = os.path.join(self.out_dir, name)
-        train_gpt.write_shard(path, self.buf[:self.fill])
+        write_shard(path, self.buf[:self.fill])
         self.files.append({"name": name, "tokens": int(self.fill), "bytes": os.path.getsize(path),
                            "sha256": sha256_file(path)})
         self.fill = 0

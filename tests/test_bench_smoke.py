@@ -46,3 +46,12 @@ def test_ttt_bench_smoke(tmp_path, sample, reuse):
     modes = [r["mode"] for r in rec["rows"]]
     assert modes[0] == "plain" and modes[1].startswith("sliding") and "phased" in modes[3]
     assert len({r["tokens"] for r in rec["rows"]}) == 1  # every mode scores the same slice
+
+
+def test_compress_bench_smoke(tmp_path, sample):
+    out, rec = run_bench("compress_bench", tmp_path, sample, "--skip-lrzip")
+    rows = {r["coder"]: r["bytes"] for r in rec[0]["rows"]}
+    assert "| weight coder: classes + code above + difference rows (default) |" in out
+    coder = [b for k, b in rows.items() if k.startswith("weight coder")]
+    assert len(coder) == 8 and all(b > 0 for b in coder)  # every variant round-tripped (asserted in the bench)
+    assert rows["zstd-22 (transposed codes)"] > 0 and rec[0]["role_bits"]["mlp.fc"] > 0

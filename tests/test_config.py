@@ -95,7 +95,7 @@ def test_settings_declare_group_and_bounds():
     assert T.Hyperparameters.artifact_fields() == [n for n, g in groups.items() if g == "model"
                                                    or n in ("train_seq_len", "lqer_asym_group")]
     choices = {f.name: f.metadata["choices"] for f in T.fields(T.Hyperparameters)}
-    assert choices["muon_coeffs"]() == tuple(T.NS_COEFFICIENTS) and choices["compressor"]() == tuple(T.COMPRESSORS)
+    assert choices["muon_coeffs"]() == tuple(T.NS_COEFFICIENTS) and choices["compressor"]() == (*T.COMPRESSORS, "rans")
 
 
 def test_the_artifact_stores_every_setting_the_model_reads():

@@ -6,12 +6,13 @@ import pytest
 import torch
 
 from conftest import TINY, T
+from data.shard_tools import write_shard
 
 
 def test_shard_round_trip(tmp_path):
     toks = np.random.default_rng(0).integers(0, 65536, size=12345)
     p = str(tmp_path / "fineweb_train_000000.bin")
-    T.write_shard(p, toks)
+    write_shard(p, toks)
     assert T.read_shard_header(p) == toks.size
     assert np.array_equal(T.load_shard(p), toks) and np.array_equal(T.load_shard(p, mmap=False), toks)
     with open(p, "rb") as f:
@@ -32,7 +33,7 @@ def _corrupt(path, offset, value):
 ])
 def test_shard_header_errors_name_the_file(tmp_path, how, needle):
     p = str(tmp_path / "bad.bin")
-    T.write_shard(p, np.arange(100))
+    write_shard(p, np.arange(100))
     if how == "magic":
         _corrupt(p, 0, 123)
     elif how == "version":
@@ -50,7 +51,7 @@ def test_shard_header_errors_name_the_file(tmp_path, how, needle):
 
 def test_write_shard_rejects_out_of_range(tmp_path):
     with pytest.raises(T.ShardError, match="uint16"):
-        T.write_shard(str(tmp_path / "x.bin"), np.array([70000]))
+        write_shard(str(tmp_path / "x.bin"), np.array([70000]))
 
 
 @pytest.mark.parametrize("text", [
@@ -125,7 +126,7 @@ def test_document_boundaries_are_bos_positions():
 
 def test_packed_loader_wraps_around_short_shards(tmp_path):
     for i in range(2):
-        T.write_shard(str(tmp_path / f"fineweb_train_{i:06d}.bin"), np.r_[1, np.arange(2, 60)])
+        write_shard(str(tmp_path / f"fineweb_train_{i:06d}.bin"), np.r_[1, np.arange(2, 60)])
     ld = T.PackedDocumentLoader(T.list_shards(str(tmp_path), "train"), 0, 1, 256, 128, torch.device("cpu"))
     for _ in range(3):
         x, _ = ld.next_batch()

@@ -142,3 +142,38 @@ def test_package_two_real_cpu_runs(single_run, sample, tmp_path):
     sub = json.load(open(folder / "submission.json"))
     assert sorted(sub["seeds"]) == [7, 1337] and sub.get("non_record") is True
     assert open(folder / "train_gpt.py", "rb").read() == open(os.path.join(ROOT, "train_gpt.py"), "rb").read()
+
+
+def test_shipped_wrapper_is_the_same_program(single_run, tmp_path):
+    """The minified, self-extracting form (short local names, squeezed spaces) trains, quantizes and scores
+    exactly like the source it came from."""
+    d, env, out = single_run
+    shipped = tmp_path / "train_gpt.py"
+    shipped.write_bytes((d / "art" / "train_gpt_shipped.py").read_bytes())
+    env2 = {**env, "RUN_ID": "shipped", "ARTIFACT_DIR": str(tmp_path / "art"), "SAVE_TOKEN_LOSSES": ""}
+    p = run([sys.executable, str(shipped)], env2, tmp_path)
+    for stage in ("quantized", "quantized_sliding", "quantized_ttt_phased"):
+        assert stage_line(p.stdout, stage) == stage_line(out, stage), stage
+    pre = [json.load(open(p / "run_record.json"))["stages"]["prequant"] for p in (tmp_path / "art", d / "art")]
+    assert [(r["val_loss"], r["val_bpb"]) for r in pre] == [(pre[1]["val_loss"], pre[1]["val_bpb"])] * 2
+    assert (tmp_path / "art" / "final_model.ptz").read_bytes() == (d / "art" / "final_model.ptz").read_bytes()
+
+
+def test_over_limit_packing_is_refitted_with_budget_clipping(single_run, tmp_path, monkeypatch):
+    d, env, _ = single_run
+    rec = json.load(open(d / "art" / "run_record.json"))
+    limit = int(rec["artifact"]["artifact_bytes"] * 0.97)
+    for k, v in {**env, "REQUANT_FROM": str(d / "art" / "prequant_model.pt"), "ARTIFACT_DIR": str(tmp_path),
+                 "RUN_ID": "fit", "TTT_ENABLED": "0", "EVAL_STRIDE": "0", "SAVE_TOKEN_LOSSES": "",
+                 "TARGET_ARTIFACT_BYTES": str(limit - 500)}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(T, "ARTIFACT_LIMIT_BYTES", limit)
+    assert T.main() == 0
+    log = open(tmp_path / "log.txt").read()
+    assert f"artifact_fit: {rec['artifact']['artifact_bytes']}" in log and "CLIP_MODE=budget" in log
+    cost = re.search(r"artifact_fit: the fitted artifact costs ([-+]\S+) bpb", log)
+    assert cost and float(cost.group(1)) > -0.01
+    fit = json.load(open(tmp_path / "run_record.json"))
+    assert fit["artifact"]["under_limit"] and fit["artifact"]["artifact_bytes"] <= limit
+    assert "quantized_over_limit" in fit["stages"]

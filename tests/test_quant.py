@@ -100,7 +100,7 @@ def test_quantize_state_routes_and_round_trips():
         assert deq[k].shape == v.shape and (deq[k] - v).abs().max() < 0.05
 
 
-@pytest.mark.parametrize("compressor", sorted(T.COMPRESSORS))
+@pytest.mark.parametrize("compressor", sorted(T.COMPRESSORS) + ["rans"])
 def test_container_round_trip_bit_exact(compressor):
     hp, m, hess = _quantized_tiny()
     entries, _ = T.quantize_state(m.state_dict(), hess, hp, log=lambda *_: None)
@@ -122,10 +122,11 @@ def test_container_round_trip_bit_exact(compressor):
     assert all(torch.equal(model.state_dict()[k], deq[k]) for k in deq) and model.looping
 
 
-def test_corruption_and_truncation_are_detected():
+@pytest.mark.parametrize("compressor", ["zstd", "rans"])
+def test_corruption_and_truncation_are_detected(compressor):
     hp, m, hess = _quantized_tiny()
     entries, _ = T.quantize_state(m.state_dict(), hess, hp, log=lambda *_: None)
-    blob = T.pack_artifact(entries, T.model_config_for_artifact(hp, 1, False), "zstd")
+    blob = T.pack_artifact(entries, T.model_config_for_artifact(hp, 1, False), compressor)
     for bad in (blob[:-1], blob[: len(blob) // 2], blob[:10], b"XXXX" + blob[4:], blob + b"\0"):
         with pytest.raises(T.ArtifactError):
             T.unpack_artifact(bad)
@@ -153,7 +154,8 @@ def test_budget_mode_lands_just_under_target():
 def test_stream_report_against_entropy_bound():
     hp, m, hess = _quantized_tiny()
     entries, _ = T.quantize_state(m.state_dict(), hess, hp, log=lambda *_: None)
-    rows = T.stream_report(entries, T.model_config_for_artifact(hp, 1, False), "zstd")
+    from bench.quant_bench import stream_report
+    rows = stream_report(entries, T.model_config_for_artifact(hp, 1, False), "zstd")
     assert rows and all(r["bytes"] > 0 and r["entropy_bytes"] > 0 for r in rows)
 
 
