@@ -2344,13 +2344,13 @@ def rans_encode(tensors: list[CodedTensor], spec: CoderSpec) -> bytes:
 
     def note(model: ContextModel, ctx: np.ndarray, sym: np.ndarray) -> np.ndarray:
         freq, cum = model.tables()  # each symbol's frequency exactly as the decoder will see it
-        freqs.append(freq[ctx, sym].astype(np.uint64))
-        starts.append(cum[ctx, sym].astype(np.uint64))
+        freqs.append(freq[ctx, sym].astype(np.uint32))
+        starts.append(cum[ctx, sym].astype(np.uint32))
         return sym
     walk_codes(tensors, spec, lanes, note, True)
     x, words = np.full(lanes, RANS_LOW, np.uint64), []
     for f, s in zip(reversed(freqs), reversed(starts)):  # rANS is last-in first-out
-        xs = x[:len(f)]
+        xs, f, s = x[:len(f)], f.astype(np.uint64), s.astype(np.uint64)
         emit = xs >= (f << np.uint64(32 - RANS_PREC))
         words.append((xs[emit] & np.uint64(0xFFFF)).astype("<u2"))
         xs = np.where(emit, xs >> np.uint64(16), xs)
@@ -3292,7 +3292,10 @@ def quantize_stage(run: Run, trained: Trained) -> Packed:
     cfg = model_config_for_artifact(hp, run.luts.bos_id, model.looping)
     state, hessians = sort_hidden_units(model.state_dict(), hessians)
     blob, unfitted_bpb = quantize_and_pack(run, state, hessians, cfg, len(shipped), hp), 0.0
-    if len(shipped) + len(blob) > ARTIFACT_LIMIT_BYTES and hp.clip_mode != "budget":
+    over = [len(shipped) + len(blob) > ARTIFACT_LIMIT_BYTES]
+    if rt.distributed:  # rank 0's packing is the one written: every rank follows its decision (evals are collective)
+        dist.broadcast_object_list(over, src=0)
+    if over[0] and hp.clip_mode != "budget":
         # Fit instead of failing: score what does not fit, then aim CLIP_MODE=budget just under the cap.
         unfitted = eval_val(model_from_artifact(blob, hp, rt.device, run.backend), run.val, hp, rt,
                             "quantized_over_limit")
