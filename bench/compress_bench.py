@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import lzma
 import os
 import shutil
 import struct
@@ -31,7 +30,6 @@ import zlib
 
 import numpy as np
 import torch
-import zstandard
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -69,14 +67,8 @@ def coded_tensors(entries: dict[str, T.QEntry], shuffle_mlp: bool = False, seed:
 
 
 def l1_row_order(q: np.ndarray) -> np.ndarray:
-    """The frontier's row order (spec §A7.2): start at row 0, append the unused row nearest in L1."""
-    qf = torch.from_numpy(q.astype(np.int32))
-    left = torch.ones(len(q), dtype=torch.bool)
-    order = [0]
-    for _ in range(len(q) - 1):
-        left[order[-1]] = False
-        order.append(int((qf - qf[order[-1]]).abs().sum(1).masked_fill(~left, 2 ** 30).argmin()))
-    return np.array(order)
+    """The frontier's row order (spec §A7.2) on integer codes: train_gpt's greedy L1 walk."""
+    return np.array(T.nearest_neighbour_order(torch.from_numpy(q.astype(np.float32))))
 
 
 def timed(fn, *args):
@@ -86,9 +78,7 @@ def timed(fn, *args):
 
 
 def general_coders() -> dict:
-    coders = {"zstd-22": (lambda b: zstandard.ZstdCompressor(level=22).compress(b),
-                          lambda b: zstandard.ZstdDecompressor().decompress(b)),
-              "lzma-9e": (lambda b: lzma.compress(b, preset=9 | lzma.PRESET_EXTREME), lzma.decompress)}
+    coders = {"zstd-22": T.COMPRESSORS["zstd"], "lzma-9e": T.COMPRESSORS["lzma"]}
     if brotli is not None:
         coders["brotli-11"] = (lambda b: brotli.compress(b, quality=11), brotli.decompress)
     return coders
