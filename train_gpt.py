@@ -65,6 +65,13 @@ PRESETS: dict[str, dict] = {
         adam_wd=0.0, muon_wd=0.0, embed_wd=0.0, ema_decay=0.0, warmdown_frac=0.06, min_lr=0.0,
         tied_embed_init_std=0.005, matrix_bits=8, embed_bits=8, clip_mode="fixed", lqer_enabled=False,
         ttt_enabled=False, warmup_steps=20),
+    "frontier": dict(  # #2135 (spec frontier_2135.md Part D) + the siblings docs/strategy.md argues for
+        ngram_tilt_enabled=True, eval_seq_len=2560, ttt_eval_seq_len=2560, phased_ttt_num_phases=1,
+        ttt_lora_lr=8e-5, ttt_weight_decay=2.0, ttt_k_lora=False, matrix_lr=0.028, gptq_calibration_batches=32,
+        lqer_asym_group=32, gated_attn_quant_gate=False,
+        train_seq_len=3072, train_seq_schedule="1024@0.1,2048@0.7,3072@1.0",  # B1 (#2014)
+        ttt_short_score_first_enabled=True, qk_gain_init=5.25, awq_lite_enabled=True,  # B3, B5, B6
+        lqer_rank=2, lqer_top_k=4),  # B7 (#2060)
     "cpu_smoke": dict(  # the whole sota pipeline, small enough for 2 CPU cores in a few minutes
         data_path="./data/datasets/offline_sample_sp1024",
         tokenizer_path="./data/tokenizers/offline_sample_1024_bpe.model",
@@ -116,6 +123,9 @@ class Hyperparameters:
     warmup_steps: int = setting(20, RUN, lo=0)     # compile warm-up steps, rolled back before the timer starts
     train_batch_tokens: int = setting(786_432, RUN, above=0)
     train_seq_len: int = setting(2048, RUN, above=0, artifact=True)  # YaRN stretches beyond it
+    train_seq_schedule: str = setting("", RUN)     # "" = TRAIN_SEQ_LEN throughout; "1024@0.1,2048@0.7,3072@1.0"
+    train_seq_schedule_mode: str = setting("wallclock", RUN, choices=("wallclock", "step"))
+    seq_change_warmup_steps: int = setting(32, RUN, lo=0)  # LR re-warm-up after a schedule change (#2014)
     val_loss_every: int = setting(0, RUN, lo=0)
     train_log_every: int = setting(500, RUN, above=0)
     attn_backend: str = setting("auto", RUN, choices=("auto", "sdpa", "flex", "flash3"))
@@ -133,6 +143,7 @@ class Hyperparameters:
     mlp_negative_slope: float = setting(0.5, MODEL, lo=0, hi=1)  # 0 = relu^2 (baseline), 0.5 = LeakyReLU(0.5)^2
     tie_embeddings: bool = setting(True, MODEL)
     logit_softcap: float = setting(30.0, MODEL, lo=0)
+    asym_logit_rescale: bool = setting(False, MODEL)  # learned +/- softcaps (#1923), trained with the model
     rope_base: float = setting(10000.0, MODEL)
     rope_dims: int = setting(16, MODEL, lo=0)      # 0 = rotate the whole head dim
     rope_yarn: bool = setting(False, MODEL)
@@ -194,6 +205,11 @@ class Hyperparameters:
     lqer_rank: int = setting(4, QUANT, lo=0)
     lqer_top_k: int = setting(3, QUANT, lo=0)
     lqer_asym_group: int = setting(64, QUANT, above=0, artifact=True)  # dequantization needs it
+    gated_attn_quant_gate: bool = setting(True, QUANT)  # attention gate int8 per row (#1855) or fp16 (#2135)
+    awq_lite_enabled: bool = setting(False, QUANT)  # the most salient column groups at AWQ_LITE_BITS (#1908)
+    awq_lite_bits: int = setting(8, QUANT, lo=2, hi=8)
+    awq_lite_group_top_k: int = setting(1, QUANT, lo=0)
+    awq_lite_group_size: int = setting(64, QUANT, above=0)
     compressor: str = setting("rans", QUANT, choices=lambda: (*COMPRESSORS, "rans"))  # rans = weight coder
     save_prequant: bool = setting(True, QUANT)     # write prequant_model.pt + hessians.pt for REQUANT_FROM sweeps
     requant_from: str = setting("", QUANT)         # a saved prequant_model.pt: skip training (reuses hessians.pt)
@@ -216,6 +232,13 @@ class Hyperparameters:
     ttt_warm_start_a: bool = setting(False, EVAL)  # 1 = keep A across document batches as the record did; a
                                                    # doc's score then depends on docs scored before it
     ttt_weight_decay: float = setting(0.5, EVAL)
+    ttt_local_lr_mult: float = setting(1.0, EVAL, lo=0)  # x TTT_LORA_LR (#1953)
+    ttt_q_lora: bool = setting(True, EVAL)         # adapter targets (the head, O and MLP always adapt)
+    ttt_k_lora: bool = setting(True, EVAL)
+    ttt_v_lora: bool = setting(True, EVAL)
+    ttt_mask: str = setting("", EVAL, choices=("", "no_qv"))  # no_qv: no Q and V adapters (#1953)
+    ttt_short_score_first_enabled: bool = setting(False, EVAL)  # shorter chunks for batches of short docs (#2014)
+    ttt_short_score_first_steps: str = setting("256:8,2000:24", EVAL)  # "max doc length:chunk,..."
     ttt_beta1: float = setting(0.0, EVAL, lo=0, hi=1)
     ttt_beta2: float = setting(0.99, EVAL, lo=0, hi=1)
     phased_ttt_prefix_docs: int = setting(2500, EVAL, lo=0)
@@ -224,6 +247,10 @@ class Hyperparameters:
     global_ttt_momentum: float = setting(0.9, EVAL)
     global_ttt_chunk_tokens: int = setting(32768, EVAL, above=0)
     global_ttt_grad_clip: float = setting(1.0, EVAL)
+    ngram_tilt_enabled: bool = setting(False, EVAL)  # causal token n-gram tilt of TTT scoring (#2135, A1)
+    token_order: int = setting(16, EVAL, lo=2)      # n-gram order: the context is TOKEN_ORDER-1 tokens
+    token_threshold: float = setting(0.8, EVAL, lo=0, hi=1)  # hint when its share of the context's counts >= this
+    token_boost: float = setting(2.625, EVAL, lo=0)  # beta added to the hinted token's logit
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -310,6 +337,24 @@ class Hyperparameters:
             bad("gate_window", f"must be <= MODEL_DIM={self.model_dim}")
         if self.adaptive_clip_max < self.adaptive_clip_min:
             bad("adaptive_clip_max", f"must be >= ADAPTIVE_CLIP_MIN={self.adaptive_clip_min}")
+        try:
+            stages = parse_seq_schedule(self)
+            local = self.train_batch_tokens // 8
+            if any(not 0 < st.until <= 1 or st.length <= 0 or local % st.length for st in stages) or \
+                    max(st.length for st in stages) != self.train_seq_len:
+                raise ValueError
+        except ValueError:
+            bad("train_seq_schedule", f"must be LEN@FRAC,... with 0 < FRAC <= 1, each LEN dividing "
+                f"TRAIN_BATCH_TOKENS/8={self.train_batch_tokens // 8} and the largest LEN = TRAIN_SEQ_LEN="
+                f"{self.train_seq_len}, e.g. 1024@0.1,2048@0.7,3072@1.0")
+        try:
+            if any(c <= 0 for _, c in parse_short_chunks(self)):
+                raise ValueError
+        except ValueError:
+            bad("ttt_short_score_first_steps", "must be MAX_DOC_LEN:CHUNK,... with positive integers, "
+                "e.g. 256:8,2000:24")
+        if self.ngram_tilt_enabled and not self.ttt_enabled:
+            bad("ngram_tilt_enabled", "tilts TTT scoring: it needs TTT_ENABLED=1")
         if self.eval_only and not self.artifact:
             errors.append("EVAL_ONLY=1 needs ARTIFACT=<path of an artifact written by this script>")
         deliberate = {v.strip().upper() for v in self.extra_env.split(",")}
@@ -638,8 +683,8 @@ class TokenStream:
 
 class PackedDocumentLoader:
     """Document packing (spec §1.9): one contiguous span of the stream per optimizer micro-step, split
-    across ranks; rows of TRAIN_SEQ_LEN tokens whose document boundaries are the BOS positions (the model
-    masks attention at them). Deterministic, seed-independent, disjoint across ranks."""
+    across ranks, as one flat row; the model cuts it into documents at BOS and every GPT.doc_piece_len tokens
+    into a document (as the record, never at fixed row starts). Deterministic, seed-independent, disjoint."""
 
     def __init__(self, files: list[str], rank: int, world_size: int, local_tokens: int, seq_len: int,
                  device: torch.device):
@@ -652,8 +697,7 @@ class PackedDocumentLoader:
         span = self.local + 1
         chunk = self.stream.take(self.world * span)
         mine = torch.from_numpy(chunk[self.rank * span: (self.rank + 1) * span])
-        x = mine[:-1].reshape(-1, self.seq_len)
-        y = mine[1:].reshape(-1, self.seq_len)
+        x, y = mine[None, :-1], mine[None, 1:]
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
 
@@ -698,9 +742,24 @@ class ShuffledSequenceLoader:
         return t[:, :-1].to(self.device), t[:, 1:].to(self.device)
 
 
-def segment_ids(ids: torch.Tensor, bos_id: int) -> torch.Tensor:
-    """Document index of every position of each row: a new segment starts at each BOS (and at column 0)."""
-    return torch.cumsum((ids == bos_id).to(torch.int32), dim=-1)
+def segment_ids(ids: torch.Tensor, bos_id: int, piece_len: int = 0) -> torch.Tensor:
+    """Segment index of every position of each row: a segment starts at column 0, at each BOS and, with
+    piece_len, every piece_len tokens into a document (the record's cut at doc start + k*TRAIN_SEQ_LEN)."""
+    return torch.cumsum(segment_starts(ids, bos_id, piece_len).to(torch.int32), dim=-1)
+
+
+def segment_starts(ids: torch.Tensor, bos_id: int, piece_len: int = 0) -> torch.Tensor:
+    col = torch.arange(ids.size(1), device=ids.device)
+    starts = (ids == bos_id) | (col == 0)
+    if piece_len and ids.size(1) > piece_len:
+        starts = starts | ((col - last_start(starts)) % piece_len == 0)
+    return starts
+
+
+def last_start(starts: torch.Tensor) -> torch.Tensor:
+    """Column of the latest segment start at or before each position."""
+    col = torch.arange(starts.size(-1), device=starts.device)
+    return torch.cummax(torch.where(starts, col, 0), dim=-1).values
 
 
 # FlashAttention's varlen boundaries live in a tensor of fixed length so that torch.compile sees one shape
@@ -739,6 +798,8 @@ class DocStructure(NamedTuple):
     """Document structure of one forward's rows, prepared once and shared by every layer."""
     seg: torch.Tensor       # [B, T] document id of every position (one id per row when rows_are_docs)
     prepared: object        # sdpa: bool mask [B,1,T,T]; flash3: cu_seqlens int32; flex: BlockMask; else None
+    pos: torch.Tensor       # [B or 1, T] position inside its segment: the rotary angle (RoPE is relative)
+    piece_len: int          # no segment is longer (FlashAttention's max_seqlen)
 
 
 def choose_attention_backend(hp: Hyperparameters, device: torch.device) -> str:
@@ -770,6 +831,24 @@ def document_causal_mask(seg: torch.Tensor) -> torch.Tensor:
     return ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]
 
 
+def with_previous_block(t: torch.Tensor, fill) -> torch.Tensor:
+    """[B, nb, P, ...] -> [B, nb, 2P, ...]: each block preceded by the block before it (`fill` before the first)."""
+    prev = torch.cat([torch.full_like(t[:, :1], fill), t[:, :-1]], 1)
+    return torch.cat([prev, t], 2)
+
+
+def banded_causal_mask(seg: torch.Tensor, piece_len: int) -> torch.Tensor:
+    """For rows far longer than their longest segment (packed training rows): queries in blocks of piece_len
+    see keys of their own and the previous block only, which holds every key of their segment. Bool
+    [B, nb, 1, P, 2P]; T x 2P work instead of T^2. Padding is a segment of its own (no row is all False)."""
+    B, T = seg.shape
+    nb = -(-T // piece_len)
+    seg = F.pad(seg, (0, nb * piece_len - T), value=-1).view(B, nb, piece_len)
+    idx = torch.arange(nb * piece_len, device=seg.device).view(1, nb, piece_len).expand(B, -1, -1)
+    seg_k, idx_k = with_previous_block(seg, -2), with_previous_block(idx, -1)
+    return ((seg[..., :, None] == seg_k[..., None, :]) & (idx[..., :, None] >= idx_k[..., None, :]))[:, :, None]
+
+
 def flex_block_mask(seg: torch.Tensor, rows_are_docs: bool):
     B, T = seg.shape
 
@@ -783,27 +862,49 @@ def flex_block_mask(seg: torch.Tensor, rows_are_docs: bool):
                              _compile=not torch.compiler.is_compiling())
 
 
-def prepare_attention(backend: str, ids: torch.Tensor, bos_id: int, rows_are_docs: bool = False) -> DocStructure:
+def prepare_attention(backend: str, ids: torch.Tensor, bos_id: int, rows_are_docs: bool = False,
+                      piece_len: int = 0) -> DocStructure:
     """Document structure for a backend. rows_are_docs: the caller guarantees one document per row (TTT), so
-    attention is plain causal and the structure does not depend on the tokens (symbolic row widths compile)."""
-    seg = torch.zeros_like(ids, dtype=torch.int32) if rows_are_docs else segment_ids(ids, bos_id)
+    attention is plain causal and the structure does not depend on the tokens (symbolic row widths compile).
+    piece_len: documents are also cut every piece_len tokens (packed training rows)."""
     B, T = ids.shape
+    longest = min(T, piece_len) if piece_len else T
+    if rows_are_docs:
+        seg, pos = torch.zeros_like(ids, dtype=torch.int32), torch.arange(T, device=ids.device)[None]
+    else:
+        starts = segment_starts(ids, bos_id, piece_len)
+        seg = torch.cumsum(starts.to(torch.int32), dim=-1)
+        pos = torch.arange(T, device=ids.device) - last_start(starts)
     if backend == "sdpa":
-        return DocStructure(seg, document_causal_mask(seg))
+        banded = piece_len and T > 2 * piece_len
+        return DocStructure(seg, banded_causal_mask(seg, piece_len) if banded else document_causal_mask(seg), pos,
+                            longest)
     if backend == "flash3":
         cu = torch.arange(0, B + 1, device=ids.device, dtype=torch.int32) * T if rows_are_docs else \
             cu_seqlens_from_segments(seg)
-        return DocStructure(seg, cu)
+        return DocStructure(seg, cu, pos, longest)
     if backend == "flex":
-        return DocStructure(seg, flex_block_mask(seg, rows_are_docs))
-    return DocStructure(seg, None)
+        return DocStructure(seg, flex_block_mask(seg, rows_are_docs), pos, longest)
+    return DocStructure(seg, None, pos, longest)
 
 
 def attention_sdpa(q, k, v, doc: DocStructure):
-    """q [B,T,H,D], k/v [B,T,Hkv,D] -> [B,T,H,D]; causal within a document (boolean block mask)."""
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                       attn_mask=doc.prepared, enable_gqa=q.size(2) != k.size(2))
-    return y.transpose(1, 2)
+    """q [B,T,H,D], k/v [B,T,Hkv,D] -> [B,T,H,D]; causal within a document (boolean mask: dense [B,1,T,T] or
+    banded [B,nb,1,P,2P], see banded_causal_mask)."""
+    mask, gqa = doc.prepared, q.size(2) != k.size(2)
+    if mask.dim() == 4:
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           attn_mask=mask, enable_gqa=gqa)
+        return y.transpose(1, 2)
+    B, T, H, D = q.shape
+    nb, P = mask.size(1), mask.size(3)
+
+    def blocks(t):  # [B, T, h, D] -> [B, nb, P, h, D]
+        return F.pad(t, (0, 0, 0, 0, 0, nb * P - T)).view(B, nb, P, t.size(2), D)
+    qb, kb, vb = blocks(q), with_previous_block(blocks(k), 0), with_previous_block(blocks(v), 0)
+    y = F.scaled_dot_product_attention(qb.transpose(2, 3), kb.transpose(2, 3), vb.transpose(2, 3), attn_mask=mask,
+                                       enable_gqa=gqa)
+    return y.transpose(2, 3).reshape(B, nb * P, H, D)[:, :T]
 
 
 def attention_flash3(q, k, v, doc: DocStructure):
@@ -811,7 +912,7 @@ def attention_flash3(q, k, v, doc: DocStructure):
     B, T, H, D = q.shape
     cu = doc.prepared
     out = flash_attn_varlen_func(q.reshape(B * T, H, D), k.reshape(B * T, -1, D), v.reshape(B * T, -1, D),
-                                 cu, cu, T, T, causal=True)
+                                 cu, cu, doc.piece_len, doc.piece_len, causal=True)
     out = out[0] if isinstance(out, tuple) else out
     return out.reshape(B, T, H, D)
 
@@ -849,13 +950,29 @@ ATTENTION_BACKENDS = {"sdpa": attention_sdpa, "flash3": attention_flash3, "flex"
                       "reference": attention_reference}
 
 
-def softcap_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, cap: float,
-                          reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy of the full softmax over cap*tanh(z/cap), in fp32 (spec §3.12)."""
-    z = logits.float()
-    if cap > 0:
-        z = cap * torch.tanh(z / cap)
+def softcap(z: torch.Tensor, cap, cap_neg=None) -> torch.Tensor:
+    """cap*tanh(z/cap) (spec §3.12); with cap_neg, negative logits take their own cap (AsymLogit, #1923)."""
+    if cap_neg is None:
+        return cap * torch.tanh(z / cap) if cap > 0 else z
+    return torch.where(z >= 0, cap * torch.tanh(z / cap), cap_neg * torch.tanh(z / cap_neg))
+
+
+def softcap_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, cap, reduction: str = "mean",
+                          cap_neg=None) -> torch.Tensor:
+    """Cross-entropy of the full softmax over the softcapped logits, in fp32."""
+    z = softcap(logits.float(), cap, cap_neg)
     return F.cross_entropy(z.reshape(-1, z.size(-1)), targets.reshape(-1), reduction=reduction)
+
+
+class TokenScores(NamedTuple):
+    nll: torch.Tensor           # [B, T] -log p(target)
+    hint_logprob: torch.Tensor  # [B, T] log p(hint): what the n-gram tilt needs (spec A1.2)
+
+
+def softcap_scores(logits: torch.Tensor, targets: torch.Tensor, hint: torch.Tensor, cap, cap_neg=None) -> TokenScores:
+    """Per-position NLL of the targets and log-probability of the hinted tokens, from one fp32 log-softmax."""
+    logp = F.log_softmax(softcap(logits.float(), cap, cap_neg), dim=-1)
+    return TokenScores(-logp.gather(-1, targets[..., None])[..., 0], logp.gather(-1, hint[..., None])[..., 0])
 
 
 def leaky_relu_sq_up(x: torch.Tensor, w: torch.Tensor, slope: float) -> torch.Tensor:
@@ -1014,7 +1131,7 @@ def use_fused_kernels(x: torch.Tensor, enabled: bool) -> bool:
 
 CONTROL_TENSOR_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weights", "skip_gates",
                            "parallel_post_lambdas", "parallel_resid_lambdas", "attn_gate_w", "smear_gate",
-                           "smear_lambda")
+                           "smear_lambda", "softcap_pos", "softcap_neg")
 
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
@@ -1035,7 +1152,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """Rotate the first 2*cos.size(-1) dims of each head (partial RoPE); the rest pass through."""
     half = cos.size(-1)
     a, b, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
-    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
     return torch.cat([a * c + b * s, b * c - a * s, rest], dim=-1)
 
 
@@ -1188,8 +1305,12 @@ class GPT(nn.Module):
             self.smear_gate = nn.Linear(hp.gate_window, 1, bias=False)
             self.smear_lambda = nn.Parameter(torch.zeros(1))
         self.lm_head = None if hp.tie_embeddings else nn.Linear(d, hp.vocab_size, bias=False)
+        if hp.asym_logit_rescale:  # both start at LOGIT_SOFTCAP (the symmetric cap); trained by scalar AdamW
+            self.softcap_pos = nn.Parameter(torch.tensor(hp.logit_softcap))
+            self.softcap_neg = nn.Parameter(torch.tensor(hp.logit_softcap))
         self.head_input = nn.Identity()  # hook point: Hessian of the (tied) output head
         self.looping = False
+        self.doc_piece_len = 0  # > 0: documents are also cut every this many tokens (set by training, as looping)
         # rotary tables for every row length the run uses (non-persistent: never in the artifact)
         cos, sin = rotary_tables(max(hp.train_seq_len, hp.eval_seq_len, hp.ttt_eval_seq_len), self.rope_dims,
                                  hp.rope_base, hp.train_seq_len, False)
@@ -1218,16 +1339,17 @@ class GPT(nn.Module):
     def rope_dims(self) -> int:
         return self.hp.rope_dims or self.hp.model_dim // self.hp.num_heads
 
-    def rope(self, T: int, dtype):
-        """cos/sin for positions 0..T-1: a slice of the precomputed tables, or (YaRN beyond the training
-        length, or a longer row than planned) computed in the graph from static T."""
-        hp = self.hp
-        if (hp.rope_yarn and T > hp.train_seq_len) or T > self.rope_cos.size(0):
-            cos, sin = rotary_tables(T, self.rope_dims, hp.rope_base, hp.train_seq_len, hp.rope_yarn,
+    def rope(self, doc: DocStructure, dtype):
+        """cos/sin [B or 1, T, rope_dims/2] at each position's offset in its segment: a gather from the
+        precomputed tables, or (YaRN beyond the training length, or longer segments than planned) from tables
+        computed in the graph for the static longest segment."""
+        hp, n = self.hp, doc.piece_len
+        if (hp.rope_yarn and n > hp.train_seq_len) or n > self.rope_cos.size(0):
+            cos, sin = rotary_tables(n, self.rope_dims, hp.rope_base, hp.train_seq_len, hp.rope_yarn,
                                      self.rope_cos.device)
         else:
-            cos, sin = self.rope_cos[:T], self.rope_sin[:T]
-        return cos.to(dtype), sin.to(dtype)
+            cos, sin = self.rope_cos, self.rope_sin
+        return cos[doc.pos].to(dtype), sin[doc.pos].to(dtype)
 
     def smear(self, x, ids):
         """SmearGate: e_t += lambda*sigmoid(w.e_t[:W]) * e_{t-1}, never across a BOS (document start)."""
@@ -1244,8 +1366,9 @@ class GPT(nn.Module):
         if hp.smear_gate_enabled:
             x = self.smear(x, ids)
         x = rms_norm(x)
-        x0, doc = x, prepare_attention(self.attn_backend, ids, self.bos_id, rows_are_docs)
-        rope = self.rope(ids.size(1), x.dtype)
+        piece = self.doc_piece_len if self.training else 0
+        x0, doc = x, prepare_attention(self.attn_backend, ids, self.bos_id, rows_are_docs, piece)
+        rope = self.rope(doc, x.dtype)
         enc, dec = self.schedule()
         skips = []
         for slot, i in enumerate(enc):
@@ -1278,18 +1401,31 @@ class GPT(nn.Module):
 
     def forward_logits(self, ids: torch.Tensor, lora: LoRAWeights | None = None,
                        rows_are_docs: bool = False) -> torch.Tensor:
-        """Raw (pre-softcap) logits."""
+        """Raw (pre-softcap) logits; with adapters they are summed in fp32 (the softcap and log-softmax after
+        them run in fp32: bf16 rounding there costs TTT, spec A2.4)."""
         h = self.forward_hidden(ids, lora, rows_are_docs)
         w = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
-        return _add_delta(F.linear(h, w.to(h.dtype)), lora, "head", h)
+        z = F.linear(h, w.to(h.dtype))
+        return z if lora is None else _add_delta(z.float(), lora, "head", h)
+
+    def caps(self) -> tuple:
+        """(cap, cap for negative logits or None): the learned pair with ASYM_LOGIT_RESCALE."""
+        if self.hp.asym_logit_rescale:
+            return self.softcap_pos, self.softcap_neg
+        return self.hp.logit_softcap, None
 
     def forward(self, ids, targets, lora: LoRAWeights | None = None, reduction: str = "mean",
-                rows_are_docs: bool = False):
-        """Loss of `targets`; reduction none gives per-position NLL [B, T]. rows_are_docs: see prepare_attention."""
+                rows_are_docs: bool = False, hint: torch.Tensor | None = None):
+        """Loss of `targets`; reduction none gives per-position NLL [B, T]. rows_are_docs: see prepare_attention.
+        With `hint` [B, T] (token ids): TokenScores, the NLL and log p(hint) per position."""
         logits = self.forward_logits(ids, lora, rows_are_docs)
-        ce = softcap_cross_entropy_fused if use_fused_kernels(logits, self.hp.fused_ce_enabled) \
-            else softcap_cross_entropy
-        loss = ce(logits, targets, self.hp.logit_softcap, reduction)
+        cap, cap_neg = self.caps()
+        if hint is not None:
+            return softcap_scores(logits, targets, hint, cap, cap_neg)
+        if cap_neg is not None or not use_fused_kernels(logits, self.hp.fused_ce_enabled):
+            loss = softcap_cross_entropy(logits, targets, cap, reduction, cap_neg)
+        else:
+            loss = softcap_cross_entropy_fused(logits, targets, self.hp.logit_softcap, reduction)
         return loss if reduction != "none" else loss.view(targets.shape)
 
     def lora_shapes(self, hp: Hyperparameters) -> dict[str, tuple[int, int]]:
@@ -1297,9 +1433,11 @@ class GPT(nn.Module):
         d, kv = hp.model_dim, hp.num_kv_heads * (hp.model_dim // hp.num_heads)
         enc, dec = self.schedule()
         shapes = {"head": (d, hp.vocab_size)}
+        targets = {"q": (d, d), "k": (d, kv), "v": (d, kv), "o": (d, d), "mlp": (d, d)}
+        off = {"q": not hp.ttt_q_lora or hp.ttt_mask == "no_qv", "k": not hp.ttt_k_lora,
+               "v": not hp.ttt_v_lora or hp.ttt_mask == "no_qv"}
         for s in range(len(enc) + len(dec)):
-            shapes.update({f"{s}_q": (d, d), f"{s}_k": (d, kv), f"{s}_v": (d, kv), f"{s}_o": (d, d),
-                           f"{s}_mlp": (d, d)})
+            shapes.update({f"{s}_{t}": shape for t, shape in targets.items() if not off.get(t)})
         return shapes
 
 
@@ -1701,7 +1839,7 @@ def make_train_step(hp: Hyperparameters, rt: Runtime, model: GPT, opt: Optimizer
     schedule's LR and momentum. Returns the mean loss (a device tensor)."""
     fwd = maybe_compile(model, hp, rt.device)
 
-    def train_step(loader, step: int, frac: float) -> torch.Tensor:
+    def train_step(loader, step: int, frac: float, lr_scale: float = 1.0) -> torch.Tensor:
         total = torch.zeros((), device=rt.device)
         for _ in range(rt.grad_accum_steps):
             x, y = loader.next_batch()
@@ -1709,29 +1847,74 @@ def make_train_step(hp: Hyperparameters, rt: Runtime, model: GPT, opt: Optimizer
                 loss = fwd(x, y)
             (loss / rt.grad_accum_steps).backward()
             total += loss.detach()
-        opt.set_schedule(lr_multiplier(frac, step, hp), muon_momentum_at(step, hp))
+        opt.set_schedule(lr_scale * lr_multiplier(frac, step, hp), muon_momentum_at(step, hp))
         opt.step()
         return total / rt.grad_accum_steps
     return train_step
 
 
+class SeqStage(NamedTuple):
+    length: int   # documents are cut into pieces of at most this many tokens
+    until: float  # while training progress <= this
+
+
+def parse_seq_schedule(hp: Hyperparameters) -> list[SeqStage]:
+    """TRAIN_SEQ_SCHEDULE "len@frac,..." (#2014's progressive context) sorted by frac, ending at 1.0; empty =
+    one stage at TRAIN_SEQ_LEN. Raises ValueError on a malformed entry."""
+    if not hp.train_seq_schedule.strip():
+        return [SeqStage(hp.train_seq_len, 1.0)]
+    stages = []
+    for part in hp.train_seq_schedule.split(","):
+        length, at, until = part.strip().partition("@")
+        if not at:
+            raise ValueError(f"{part!r} is not LEN@FRAC")
+        stages.append(SeqStage(int(length), float(until)))
+    stages.sort(key=lambda st: st.until)
+    if stages[-1].until < 1.0:
+        stages.append(SeqStage(stages[-1].length, 1.0))
+    return stages
+
+
+def stage_at(stages: list[SeqStage], progress: float) -> SeqStage:
+    return next((st for st in stages if progress <= st.until), stages[-1])
+
+
+def seq_progress(hp: Hyperparameters, frac: float, step: int) -> float:
+    return step / max(hp.iterations, 1) if hp.train_seq_schedule_mode == "step" else frac
+
+
+def shapes_to_warm(hp: Hyperparameters) -> list[tuple[int, bool]]:
+    """(piece length, looping) pairs the run will train with: on the wall-clock schedule, a stage sees looping
+    off if it starts before ENABLE_LOOPING_AT and on if it ends after it; in step mode every pair."""
+    stages, out, start = parse_seq_schedule(hp), [], 0.0
+    for st in stages:
+        for looping in ([False, True] if hp.num_loops > 0 else [False]):
+            hit = st.until > hp.enable_looping_at if looping else hp.num_loops == 0 or start < hp.enable_looping_at
+            if (hit or hp.train_seq_schedule_mode == "step") and (st.length, looping) not in out:
+                out.append((st.length, looping))
+        start = st.until
+    return out
+
+
 def warm_up(hp: Hyperparameters, rt: Runtime, model: GPT, opt: Optimizers, train_step, train_files) -> None:
-    """WARMUP_STEPS real steps with each layer schedule (compiling both graphs and warming the allocator),
-    then weights, optimizer state and looping rolled back: the timed run starts from the true init (§4.5)."""
+    """WARMUP_STEPS real steps with each (piece length, layer schedule) the run will use (compiling each graph
+    and warming the allocator), then weights, optimizer state and looping rolled back: the timed run starts
+    from the true init (§4.5)."""
     snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
     opt_state = opt.state_dict()
     loader = make_train_loader(hp, rt, train_files)
-    for looping in ([False, True] if hp.num_loops > 0 else [False]):
-        model.looping = looping
+    for piece, looping in shapes_to_warm(hp):
+        model.looping, model.doc_piece_len = looping, piece
         t0 = time.perf_counter()
         for _ in range(hp.warmup_steps):
             train_step(loader, 0, 0.0)
-        sync_device(rt.device)  # the first step of each schedule compiles its graph
-        rt.logger.log(f"warmup: {hp.warmup_steps} steps looping:{int(looping)} {time.perf_counter() - t0:.1f}s")
+        sync_device(rt.device)  # the first step of each shape compiles its graph
+        rt.logger.log(f"warmup: {hp.warmup_steps} steps piece:{piece} looping:{int(looping)} "
+                      f"{time.perf_counter() - t0:.1f}s")
     model.load_state_dict(snapshot)
     opt.load_state_dict(opt_state)
     model.zero_grad(set_to_none=True)
-    model.looping = False
+    model.looping, model.doc_piece_len = False, 0
 
 
 def train(hp: Hyperparameters, rt: Runtime, model: GPT, train_files: list[str], val: ValidationData | None,
@@ -1752,6 +1935,7 @@ def train(hp: Hyperparameters, rt: Runtime, model: GPT, train_files: list[str], 
     budget = TrainBudget(res.hessian_estimate_s)
     tokens_per_step = hp.train_batch_tokens
     local_elapsed, elapsed, step = 0.0, 0.0, 0
+    stages, seq_changed_at = parse_seq_schedule(hp), 0
     model.train()
     while True:
         agreed = agree_elapsed(local_elapsed, rt.device)
@@ -1765,12 +1949,20 @@ def train(hp: Hyperparameters, rt: Runtime, model: GPT, train_files: list[str], 
             model.looping, res.looping_step = True, step
             enc, dec = model.schedule()
             log(f"layer_loop:enabled step:{step} frac:{frac:.3f} encoder:{enc} decoder:{dec}")
+        stage = stage_at(stages, seq_progress(hp, frac, step))
+        if stage.length != model.doc_piece_len:
+            if step:
+                seq_changed_at = step
+                log(f"train_seq_len: {model.doc_piece_len} -> {stage.length} step:{step} frac:{frac:.3f}")
+            model.doc_piece_len = stage.length
         reason = stop_reason(elapsed, step, budget.next_step_s(), hp, budget.hessian_s)
         if reason:  # every rank computed it from the same agreed clock
             res.stop_reason = reason
             break
         t0 = clock()
-        loss = train_step(loader, step, frac)
+        rewarm = min((step - seq_changed_at + 1) / hp.seq_change_warmup_steps, 1.0) \
+            if seq_changed_at and hp.seq_change_warmup_steps else 1.0
+        loss = train_step(loader, step, frac, rewarm)
         ema.update(model)
         sync_device(rt.device)
         local_elapsed += clock() - t0
@@ -1786,6 +1978,7 @@ def train(hp: Hyperparameters, rt: Runtime, model: GPT, train_files: list[str], 
                                 "train_time_ms": local_elapsed * 1000})
             log(f"{step}/{hp.iterations} val_loss: {r.val_loss:.4f} val_bpb: {r.val_bpb:.4f}")
             model.train()
+    model.doc_piece_len = 0
     res.steps, res.train_time_ms, res.hessian_estimate_s = step, elapsed * 1000, budget.hessian_s
     res.tokens_per_s = step * tokens_per_step / max(elapsed, 1e-9)
     if res.stop_reason == "wallclock_cap":
@@ -1858,7 +2051,7 @@ def collect_hessians(model: GPT, loader, batches: int, hp: Hyperparameters, rt: 
 
 def quant_kind(name: str, t: torch.Tensor, hp: Hyperparameters) -> str:
     """Routing (spec §5.3): int8 gate rows, fp16 passthrough for small/control tensors, else GPTQ."""
-    if name.endswith("attn_gate_w") and t.numel() <= GATE_INT8_MAX_NUMEL:
+    if name.endswith("attn_gate_w") and t.numel() <= GATE_INT8_MAX_NUMEL and hp.gated_attn_quant_gate:
         return "int8_row"
     if not t.is_floating_point() or t.ndim != 2 or is_control_tensor(name) or t.numel() <= hp.quant_min_numel:
         return "fp16"
@@ -1890,10 +2083,12 @@ def rtn_quantize(W: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tenso
     return torch.clamp(torch.round(W.float() / scale[:, None]), -R, R).to(torch.int8)
 
 
-def gptq_quantize(W: torch.Tensor, H: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, scale: torch.Tensor, bits: int, hi_cols: list[int] | None = None,
+                  hi_scale: torch.Tensor | None = None, hi_bits: int = 8) -> torch.Tensor:
     """GPTQ (spec §5.5): act-order columns, damped inverse Hessian via Cholesky, blockwise error propagation.
-    Returns int8 codes in [-R, R] with the given per-row scales."""
-    R = 2 ** (bits - 1) - 1
+    Returns int8 codes in [-R, R] with the given per-row scales; columns `hi_cols` are coded at hi_bits with
+    hi_scale instead (AWQ-lite), their error propagated like any other."""
+    R, R_hi = 2 ** (bits - 1) - 1, 2 ** (hi_bits - 1) - 1
     W = W.detach().float().clone()
     H = H.detach().float().clone().to(W.device)
     dead = torch.diag(H) == 0
@@ -1913,6 +2108,10 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, scale: torch.Tensor, bits: i
     else:
         raise RuntimeError("GPTQ: Hessian is not positive definite even with heavy damping")
     s = scale.float().to(W.device)[:, None]
+    s_hi = s if hi_scale is None else hi_scale.float().to(W.device)[:, None]
+    hi = torch.zeros(W.size(1), dtype=torch.bool)
+    hi[hi_cols or []] = True
+    hi = hi[perm.cpu()].tolist()
     Q = torch.zeros_like(W, dtype=torch.int8)
     cols = W.size(1)
     for i1 in range(0, cols, GPTQ_BLOCK):
@@ -1921,9 +2120,10 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, scale: torch.Tensor, bits: i
         E1 = torch.zeros_like(W1)
         for j in range(i2 - i1):
             w = W1[:, j: j + 1]
-            q = torch.clamp(torch.round(w / s), -R, R)
+            sj, Rj = (s_hi, R_hi) if hi[i1 + j] else (s, R)
+            q = torch.clamp(torch.round(w / sj), -Rj, Rj)
             Q[:, i1 + j] = q[:, 0].to(torch.int8)
-            e = (w - q * s) / U1[j, j]
+            e = (w - q * sj) / U1[j, j]
             W1[:, j:] -= e * U1[j: j + 1, j:]
             E1[:, j: j + 1] = e
         W[:, i2:] -= E1 @ U[i1:i2, i2:]
@@ -1995,6 +2195,7 @@ class QEntry:
     bits: int = 8
     sigma: float = 0.0
     lqer: dict | None = None
+    awq: dict | None = None  # AWQ-lite: "q" int8 [rows, n*group] codes of columns "starts"+group, "s" fp16 [rows]
 
 
 def dequantize_entry(e: QEntry, lqer_group: int) -> torch.Tensor:
@@ -2002,9 +2203,36 @@ def dequantize_entry(e: QEntry, lqer_group: int) -> torch.Tensor:
         out = e.data.float()
     else:
         out = e.q.float() * e.scale.float()[:, None]
+        if e.awq is not None:
+            out[:, awq_columns(e.awq)] = e.awq["q"].float() * e.awq["s"].float()[:, None]
         if e.lqer is not None:
             out = out + lqer_dequant(e.lqer, lqer_group)
     return out.to(getattr(torch, e.dtype)).view(e.shape)
+
+
+def awq_columns(awq: dict) -> list[int]:
+    g = awq["q"].size(1) // len(awq["starts"])
+    return [c for st in awq["starts"] for c in range(st, st + g)]
+
+
+def awq_lite_groups(state: dict[str, torch.Tensor], hessians: dict[str, torch.Tensor], stats: list[dict],
+                    hp: Hyperparameters) -> dict[str, list[int]]:
+    """AWQ-lite (#1908, spec B6): the AWQ_LITE_GROUP_TOP_K column groups of AWQ_LITE_GROUP_SIZE, over every GPTQ
+    tensor below AWQ_LITE_BITS, with the largest sum of act_rms[c] * mean|W[:, c]|; act_rms is the root of the
+    Hessian diagonal (the same hook inputs; the common row count does not change the ranking)."""
+    if not hp.awq_lite_enabled:
+        return {}
+    g, cands = hp.awq_lite_group_size, []
+    for st in stats:
+        if st["bits"] >= hp.awq_lite_bits:
+            continue
+        W = state[st["name"]]
+        sal = hessians[st["name"]].diagonal().float().cpu().clamp_min(0).sqrt() * W.abs().mean(0)
+        cands += [(float(sal[c: c + g].sum()), st["name"], c) for c in range(0, W.size(1) - g + 1, g)]
+    chosen: dict[str, list[int]] = {}
+    for _, name, c in sorted(cands, reverse=True)[: hp.awq_lite_group_top_k]:
+        chosen.setdefault(name, []).append(c)
+    return {n: sorted(v) for n, v in chosen.items()}
 
 
 def dequantize_state(qs: dict[str, QEntry], lqer_group: int) -> dict[str, torch.Tensor]:
@@ -2053,7 +2281,10 @@ def quantize_state(state: dict[str, torch.Tensor], hessians: dict[str, torch.Ten
     stats = clip_stats(state, hessians, [n for n, e in direct.items() if e is None], hp)
     sigmas = choose_clip_sigmas(stats, hp, log)
     base = {n: e for n, e in direct.items() if e is not None}
-    quantize = functools.partial(quantize_gptq, state, hessians, stats, base, hp)
+    awq = awq_lite_groups(state, hessians, stats, hp)
+    if awq:
+        log(f"awq_lite: {hp.awq_lite_bits}-bit column groups {awq}")
+    quantize = functools.partial(quantize_gptq, state, hessians, stats, base, hp, awq)
     if hp.clip_mode == "budget" and stats:
         if model_bytes_of is None:
             raise ValueError("CLIP_MODE=budget needs the artifact packer to measure bytes")
@@ -2104,16 +2335,25 @@ def choose_clip_sigmas(stats: list[dict], hp: Hyperparameters, log=print) -> dic
 
 
 def quantize_gptq(state: dict[str, torch.Tensor], hessians: dict[str, torch.Tensor], stats: list[dict],
-                  base: dict[str, QEntry], hp: Hyperparameters, sigmas: dict[str, float]) -> dict[str, QEntry]:
-    """All entries: `base` plus every GPTQ tensor at its sigma, then LQER factors on the LQER_TOP_K tensors
-    with the largest quantization error."""
+                  base: dict[str, QEntry], hp: Hyperparameters, awq: dict[str, list[int]],
+                  sigmas: dict[str, float]) -> dict[str, QEntry]:
+    """All entries: `base` plus every GPTQ tensor at its sigma (AWQ-lite column groups `awq` at AWQ_LITE_BITS),
+    then LQER factors on the LQER_TOP_K tensors with the largest error of that mixed reconstruction."""
     out = dict(base)
     for s in stats:
         name, W, bits = s["name"], state[s["name"]], s["bits"]
         scale = sdclip_scales(W, sigmas[name], bits)
         H = hessians[name]  # GPTQ runs where the Hessians live (the GPU in a real run)
-        q = gptq_quantize(W.to(H.device), H, scale.to(H.device), bits).cpu()
-        out[name] = QEntry("gptq", tuple(W.shape), "float32", q=q, scale=scale.half(), bits=bits, sigma=sigmas[name])
+        starts = awq.get(name)
+        hi = [c for st in starts for c in range(st, st + hp.awq_lite_group_size)] if starts else None
+        s_hi = sdclip_scales(W, sigmas[name], hp.awq_lite_bits).half().float() if starts else None
+        q = gptq_quantize(W.to(H.device), H, scale.to(H.device), bits, hi,
+                          None if s_hi is None else s_hi.to(H.device), hp.awq_lite_bits).cpu()
+        e = QEntry("gptq", tuple(W.shape), "float32", q=q, scale=scale.half(), bits=bits, sigma=sigmas[name])
+        if starts:  # the high-precision codes leave the int-`bits` matrix (zeros there) for their own stream
+            e.awq = {"q": q[:, hi].clone(), "s": s_hi.half(), "starts": starts}
+            q[:, hi] = 0
+        out[name] = e
     names = [s["name"] for s in stats]
     if hp.lqer_enabled and hp.lqer_rank > 0 and names:
         err = {n: state[n] - dequantize_entry(out[n], hp.lqer_asym_group) for n in names}
@@ -2441,6 +2681,9 @@ def pack_artifact(entries: dict[str, QEntry], config: dict, compressor: str = "z
             rec["parts"]["scale"] = put("fp16", e.scale)
             for k, v in (e.lqer or {}).items():
                 rec["parts"][k] = put("fp16" if v.dtype == torch.float16 else "int8", v)
+            if e.awq is not None:
+                rec["awq_starts"] = e.awq["starts"]
+                rec["parts"]["awq_q"], rec["parts"]["awq_s"] = put("int8", e.awq["q"], True), put("fp16", e.awq["s"])
         tensors.append(rec)
     body, stream_meta = [], []
     for sname in sorted(streams):
@@ -2509,9 +2752,10 @@ def unpack_artifact(blob: bytes) -> tuple[dict[str, QEntry], dict]:
     for rec in header["tensors"]:
         p = {k: get(StreamSlice(*v)) for k, v in rec["parts"].items()}
         lq = {k: p[k] for k in ("lqA", "lqAs", "lqB", "lqBs") if k in p} or None
+        awq = {"q": p["awq_q"], "s": p["awq_s"], "starts": rec["awq_starts"]} if "awq_q" in p else None
         entries[rec["name"]] = QEntry(rec["kind"], tuple(rec["shape"]), rec["dtype"], q=p.get("q"),
                                       scale=p.get("scale"), data=p.get("data"), bits=rec["bits"],
-                                      sigma=rec["sigma"], lqer=lq)
+                                      sigma=rec["sigma"], lqer=lq, awq=awq)
     return entries, header["config"]
 
 
@@ -2774,6 +3018,88 @@ def balance_docs(docs: list[int], lengths: list[int], world: int) -> list[list[i
     return out
 
 
+def scoring_order(docs: list[tuple[int, int]]) -> list[int]:
+    """TTT's document queue, longest first (ties in stream order), as the record's queue: phased TTT adapts on
+    its head, ranks take contiguous parts of it, and the n-gram counts follow it."""
+    return sorted(range(len(docs)), key=lambda d: -docs[d][1])
+
+
+class NgramHints(NamedTuple):
+    """Per target position g (predicting token g+1): the hinted token and its boost (0 = no hint)."""
+    hint: torch.Tensor   # int64 [N-1]
+    boost: torch.Tensor  # float32 [N-1]
+
+
+NGRAM_HASH_SEED = 2135  # fixed multipliers: the hints are a function of the tokens and the scoring order only
+
+
+def ngram_hints(tokens: torch.Tensor, docs: list[tuple[int, int]], order: list[int], hp: Hyperparameters) -> NgramHints:
+    """Token n-gram hints (spec A1.1), causal in the scoring order: the documents are read in `order`, and the
+    hint for a position is the most frequent continuation (the first to reach the top count) of its last
+    TOKEN_ORDER-1 tokens among positions read before it, given when that continuation's share of them is at
+    least TOKEN_THRESHOLD. One vectorised pass: sorting by context hash replaces the record's hash tables."""
+    v = tokens.numpy()
+    pos = np.concatenate([np.arange(docs[d][0], docs[d][0] + docs[d][1] - 1) for d in order])  # inputs, in order
+    x, y = v[pos].astype(np.uint64), v[pos + 1].astype(np.int64)
+    ctx = hp.token_order - 1
+    mult = np.random.Generator(np.random.PCG64(NGRAM_HASH_SEED)).integers(0, 2**63, ctx, dtype=np.uint64) * 2 + 1
+    key = np.zeros(x.size, np.uint64)
+    for j in range(ctx):  # hash of x[k-ctx+1..k], wrapping uint64 arithmetic
+        key[j:] += x[: x.size - j] * mult[j]
+    k = np.arange(ctx - 1, x.size)
+    by_ctx = k[np.argsort(key[k], kind="stable")]  # grouped by context, in reading order within a group
+    n, idx = by_ctx.size, np.arange(by_ctx.size)
+    ks, ys = key[by_ctx], y[by_ctx]
+    del x, key, k  # ~0.4 GB each at the record's 47.85M targets, on every rank
+    first = np.r_[True, ks[1:] != ks[:-1]]
+    gid = np.cumsum(first) - 1
+    seen = idx - np.maximum.accumulate(np.where(first, idx, 0))  # earlier positions with this context
+    pair = gid * (int(y.max()) + 1) + ys
+    by_pair = np.argsort(pair, kind="stable")
+    ps = pair[by_pair]
+    count = np.empty(n, np.int64)  # occurrences of (context, continuation) up to and including this one
+    count[by_pair] = idx - np.maximum.accumulate(np.where(np.r_[True, ps[1:] != ps[:-1]], idx, 0)) + 1
+    del pair, by_pair, ps
+    top = np.maximum.accumulate(gid * (n + 1) + count) - gid * (n + 1)  # running top count in the group
+    new_top = first | (count > np.r_[0, top[:-1]])  # strictly more: ties keep the older continuation
+    top_tok = ys[np.maximum.accumulate(np.where(new_top, idx, 0))]
+    hint = np.zeros(n, np.int64)
+    share = np.zeros(n, np.float32)
+    later = ~first
+    hint[later] = top_tok[:-1][later[1:]]
+    share[later] = top[:-1][later[1:]].astype(np.float32) / seen[later].astype(np.float32)
+    gated = share >= np.float32(hp.token_threshold)
+    out_hint = np.zeros(v.size - 1, np.int64)
+    out_boost = np.zeros(v.size - 1, np.float32)
+    target = pos[by_ctx]
+    out_hint[target[gated]] = hint[gated]
+    out_boost[target[gated]] = hp.token_boost
+    return NgramHints(torch.from_numpy(out_hint), torch.from_numpy(out_boost))
+
+
+def tilted_nll(scores: TokenScores, targets: torch.Tensor, hint: torch.Tensor, boost: torch.Tensor) -> torch.Tensor:
+    """-log p'(target) for p'(a) = p(a) e^(boost [a = hint]) / Z, Z = 1 - q + q e^boost, q = p(hint): a full
+    normalised distribution (spec A1.2), in fp32; boost 0 returns the NLL unchanged."""
+    q = scores.hint_logprob.float().clamp_max(0).exp()
+    return scores.nll.float() - boost * (targets == hint) + torch.log1p(q * torch.expm1(boost))
+
+
+def parse_short_chunks(hp: Hyperparameters) -> list[tuple[int, int]]:
+    """TTT_SHORT_SCORE_FIRST_STEPS "max doc length:chunk,..." sorted by length."""
+    return sorted(tuple(int(v) for v in part.split(":")) for part in hp.ttt_short_score_first_steps.split(",")
+                  if part.strip())
+
+
+def ttt_chunk_for(hp: Hyperparameters, longest: int) -> int:
+    """Chunk size of a TTT batch whose longest document has `longest` tokens (#2014: short documents get more
+    adapter steps before their later tokens are scored)."""
+    if hp.ttt_short_score_first_enabled:
+        for max_len, chunk in parse_short_chunks(hp):
+            if longest <= max_len:
+                return chunk
+    return hp.ttt_chunk_size
+
+
 class ChunkSpan(NamedTuple):
     """Where one document's chunk sits in its TTT row: targets row[lo:hi] are validation targets
     target_pos..target_pos+hi-lo-1; `trains` when the document has later chunks (the adapter learns from it)."""
@@ -2802,7 +3128,15 @@ def ttt_rows_per_forward(hp: Hyperparameters) -> int:
     return max(1, min(hp.ttt_batch_size, hp.val_batch_tokens // (8 * hp.ttt_eval_seq_len)))
 
 
-def _ttt_rows(val_tokens, docs, batch, c, C, ctx, n_rows):
+class TTTRows(NamedTuple):
+    X: torch.Tensor            # [n_rows, width] inputs
+    Y: torch.Tensor            # [n_rows, width] targets
+    spans: list                # ChunkSpan per batch document (None: no chunk c)
+    hint: torch.Tensor | None  # [n_rows, width] n-gram hint per position (with the tilt)
+    boost: torch.Tensor | None
+
+
+def _ttt_rows(val_tokens, docs, batch, c, C, ctx, n_rows, hints: NgramHints | None = None) -> TTTRows:
     """Rows for chunk c of each doc in the batch (n_rows >= len(batch); the rest are padding): window [ws, end)
     of the doc, its targets, and the ChunkSpan of each doc (None when the doc has no chunk c). One row holds
     one document, its tail padded with token 0 (causal attention never lets padding reach a real position)."""
@@ -2823,22 +3157,28 @@ def _ttt_rows(val_tokens, docs, batch, c, C, ctx, n_rows):
     width = -(-max(r.numel() for r in rows if r is not None) // TTT_ROW_MULTIPLE) * TTT_ROW_MULTIPLE
     X = torch.zeros(n_rows, width, dtype=torch.int64)
     Y = torch.zeros(n_rows, width, dtype=torch.int64)
-    for i, (r, t) in enumerate(zip(rows, tgts)):
+    H = torch.zeros(n_rows, width, dtype=torch.int64) if hints is not None else None
+    Bo = torch.zeros(n_rows, width, dtype=torch.float32) if hints is not None else None
+    for i, (r, t, sp) in enumerate(zip(rows, tgts, spans)):
         if r is not None:
             X[i, : r.numel()], Y[i, : t.numel()] = r, t
-    return X, Y, spans
+            if hints is not None:  # row position j predicts target sp.target_pos - sp.lo + j
+                g0 = sp.target_pos - sp.lo
+                H[i, : r.numel()], Bo[i, : r.numel()] = hints.hint[g0: g0 + r.numel()], hints.boost[g0: g0 + r.numel()]
+    return TTTRows(X, Y, spans, H, Bo)
 
 
 def ttt_score_docs(model: GPT, val: ValidationData, docs, my_docs: list[int], hp: Hyperparameters, rt: Runtime,
-                   board: ScoreBoard, grad_steps: int, plan: "TTTPlan | None" = None, later_s: float = 0.0) -> None:
+                   board: ScoreBoard, grad_steps: int, plan: "TTTPlan | None" = None, later_s: float = 0.0,
+                   hints: NgramHints | None = None) -> None:
     """Score-first TTT: for each batch of documents and each chunk, score the chunk with the current
     per-document adapters, then train the adapters on that already-scored chunk. Adapters reset per batch.
     A batch runs as forwards of ttt_rows_per_forward() documents (compiled: a fixed row count, the batch padded;
     dynamic width). With a plan, each chunk takes the most grad steps (up to grad_steps, never more than the
     batch's earlier chunks, down to 0 = score only) that still let this rank's rest of the pass plus `later_s`
     of planned later work end by the eval deadline. Rank-local: no collective here (ranks hold different
-    numbers of batches)."""
-    C, ctx = hp.ttt_chunk_size, hp.ttt_eval_seq_len
+    numbers of batches). With `hints`, scores are n-gram tilted; the adapters still train on the plain NLL."""
+    ctx = hp.ttt_eval_seq_len
     lengths = {d: docs[d][1] for d in my_docs}
     order = sorted(my_docs, key=lambda d: -lengths[d])  # similar lengths share a batch
     rows = ttt_rows_per_forward(hp)
@@ -2854,7 +3194,7 @@ def ttt_score_docs(model: GPT, val: ValidationData, docs, my_docs: list[int], hp
     fwd = maybe_compile(model, hp, rt.device)
     for p in model.parameters():
         p.requires_grad_(False)
-    left = sum(ttt_row_tokens(lengths[d], C, ctx) for d in order)  # row tokens this rank still processes
+    left = sum(ttt_row_tokens(lengths[d], ttt_chunk_for(hp, lengths[d]), ctx) for d in order)  # row tokens left
     for b0 in range(0, len(order), hp.ttt_batch_size):
         batch = order[b0: b0 + hp.ttt_batch_size]
         n_rows = -(-len(batch) // rows) * rows if fwd is not model else len(batch)  # eager: no padding needed
@@ -2866,12 +3206,13 @@ def ttt_score_docs(model: GPT, val: ValidationData, docs, my_docs: list[int], hp
                     lora.B[n].zero_()
                     if b0 == 0 or not hp.ttt_warm_start_a:
                         lora.A[n].copy_(init_A[n].expand_as(lora.A[n]))
-            opt = torch.optim.AdamW(lora.parameters(), lr=hp.ttt_lora_lr, betas=(hp.ttt_beta1, hp.ttt_beta2),
-                                    eps=1e-10, weight_decay=hp.ttt_weight_decay)
+            opt = torch.optim.AdamW(lora.parameters(), lr=hp.ttt_lora_lr * hp.ttt_local_lr_mult,
+                                    betas=(hp.ttt_beta1, hp.ttt_beta2), eps=1e-10, weight_decay=hp.ttt_weight_decay)
+        C = ttt_chunk_for(hp, max(docs[d][1] for d in batch))
         n_chunks = max(-(-(docs[d][1] - 1) // C) for d in batch)
         for c in range(n_chunks):
-            X, Y, spans = _ttt_rows(val.tokens, docs, batch, c, C, ctx, n_rows)
-            X, Y = X.to(rt.device), Y.to(rt.device)
+            X, Y, spans, H, Bo = (t.to(rt.device) if isinstance(t, torch.Tensor) else t
+                                  for t in _ttt_rows(val.tokens, docs, batch, c, C, ctx, n_rows, hints))
             chunk_tokens = sum(sp.hi for sp in spans if sp is not None)  # row tokens (a row ends at its span)
             if plan is not None:
                 steps = plan.grad_steps_for(left, steps, later_s)
@@ -2883,15 +3224,18 @@ def ttt_score_docs(model: GPT, val: ValidationData, docs, my_docs: list[int], hp
                     if g and not any(sp.trains for _, sp in mine):
                         continue  # after the scoring pass only the rows that train need a forward
                     xs, ys = X[lo: lo + rows], Y[lo: lo + rows]
+                    hs = None if H is None else H[lo: lo + rows]
                     if fwd is not model:
-                        mark_row_width_dynamic(xs, ys)
+                        mark_row_width_dynamic(*(t for t in (xs, ys, hs) if t is not None))
                     with torch.set_grad_enabled(train_more), autocast_context(hp, rt.device):
-                        nll = fwd(xs, ys, lora=None if lora is None else lora.weights(lo, lo + xs.size(0)),
-                                  reduction="none", rows_are_docs=True).float()
+                        out = fwd(xs, ys, lora=None if lora is None else lora.weights(lo, lo + xs.size(0)),
+                                  reduction="none", rows_are_docs=True, hint=hs)
+                    nll = (out.nll if hs is not None else out).float()
                     if g == 0:  # score before any update that has seen these tokens
+                        scored = nll if hs is None else tilted_nll(out, ys, hs, Bo[lo: lo + rows])
                         for i, sp in mine:
                             board.add(torch.arange(sp.target_pos, sp.target_pos + sp.hi - sp.lo, device=rt.device),
-                                      nll[i - lo, sp.lo: sp.hi].detach())
+                                      scored[i - lo, sp.lo: sp.hi].detach())
                     losses = [nll[i - lo, sp.lo: sp.hi].mean() for i, sp in mine if sp.trains]
                     if train_more and losses:
                         torch.stack(losses).sum().backward()
@@ -2916,7 +3260,7 @@ def global_sgd_on_scored(model: GPT, val: ValidationData, docs, scored: list[int
         return
     stream = torch.cat([val.tokens[s: s + L] for s, L in (docs[d] for d in sorted(scored))])
     seq = hp.ttt_eval_seq_len
-    chunk = max(seq + 1, hp.global_ttt_chunk_tokens)
+    chunk = max(1, round(hp.global_ttt_chunk_tokens / seq)) * seq  # whole rows: no token of a chunk dropped
     n_chunks = max(1, (stream.numel() - 1) // chunk)
     opt = torch.optim.SGD(model.parameters(), lr=hp.global_ttt_lr, momentum=hp.global_ttt_momentum)
     fwd = maybe_compile(model, hp, rt.device)
@@ -3030,19 +3374,26 @@ def eval_ttt(model: GPT, val: ValidationData, hp: Hyperparameters, rt: Runtime, 
     t0 = clock()
     eval_t0 = t0 if eval_t0 is None else eval_t0
     docs = find_docs(val.tokens, model.bos_id)
+    queue = scoring_order(docs)  # documents in the order they are scored: phases take its head
     lengths = [L - 1 for _, L in docs]
     board = ScoreBoard(val, rt.device, keep_losses)
     model.eval()
+    hints = None
+    if hp.ngram_tilt_enabled:  # inside the eval time, before any scoring
+        t_h = clock()
+        hints = ngram_hints(val.tokens, docs, queue, hp)
+        log(f"ngram_tilt: {int((hints.boost > 0).sum())}/{hints.boost.numel()} positions hinted "
+            f"(order {hp.token_order}, threshold {hp.token_threshold}, boost {hp.token_boost}) {clock() - t_h:.1f}s")
     n_prefix = min(hp.phased_ttt_prefix_docs, len(docs)) if phased and hp.phased_ttt_num_phases > 0 else 0
     P = hp.phased_ttt_num_phases if n_prefix else 0
     bounds = sorted({n_prefix * (p + 1) // P for p in range(P)} - {0})  # no empty phase
-    work = [ttt_row_tokens(L, hp.ttt_chunk_size, hp.ttt_eval_seq_len) for _, L in docs]
+    work = [ttt_row_tokens(docs[d][1], ttt_chunk_for(hp, docs[d][1]), hp.ttt_eval_seq_len) for d in queue]
     rates = measure_ttt_throughput(model, hp, rt, clock)
     log(f"ttt_warmup: throughput probe on synthetic tokens {clock() - t0:.1f}s, compile warm-up {rates.warmup_s:.1f}s "
         f"(score only {rates.score_only_tok_s:.0f} tok/s, score+train {rates.score_tok_s:.0f} tok/s, global sgd "
         f"{rates.sgd_tok_s:.0f} tok/s)")
     plan = TTTPlan(rates, hp.ttt_grad_steps, eval_t0 + (1 - EVAL_DEADLINE_MARGIN) * hp.eval_time_budget, clock)
-    prefix_tokens = [sum(docs[d][1] for d in range(b)) / rt.world_size for b in bounds]  # global SGD per phase
+    prefix_tokens = [sum(docs[d][1] for d in queue[:b]) / rt.world_size for b in bounds]  # global SGD per phase
     done, p, planned = 0, 0, len(bounds)
     while True:  # every rank runs the same iterations: the plan is agreed at each phase boundary
         left_tokens = sum(work[done:]) / rt.world_size
@@ -3059,23 +3410,24 @@ def eval_ttt(model: GPT, val: ValidationData, hp: Hyperparameters, rt: Runtime, 
             log(f"ttt_budget: keeping {p + kept}/{planned} phases, grad_steps {steps} ({plan.why})")
             bounds = bounds[:p + kept]
         if p == 0:
-            log(f"ttt_phased: total_docs:{len(docs)} prefix_docs:{bounds[-1] if bounds else 0} suffix_docs:"
+            log(f"ttt_phased: total_docs:{len(docs)} prefix_docs:{bounds[-1] if bounds else 0} prefix_tokens:"
+                f"{sum(docs[d][1] for d in queue[:bounds[-1] if bounds else 0])} suffix_docs:"
                 f"{len(docs) - (bounds[-1] if bounds else 0)} num_phases:{len(bounds)} boundaries:{bounds}")
         if p == len(bounds):
             break
-        part = list(range(done, bounds[p]))
-        later = plan.score_s(left_tokens - sum(work[d] for d in part) / rt.world_size, steps) + \
+        part = queue[done:bounds[p]]
+        later = plan.score_s(left_tokens - sum(work[done:bounds[p]]) / rt.world_size, steps) + \
             sum(prefix_tokens[p:len(bounds)]) * plan.c_sgd
         ttt_score_docs(model, val, docs, balance_docs(part, lengths, rt.world_size)[rt.rank], hp, rt, board,
-                       steps, plan, later)
+                       steps, plan, later, hints)
         t_sgd = clock()
-        global_sgd_on_scored(model, val, docs, list(range(0, bounds[p])), hp, rt)
+        global_sgd_on_scored(model, val, docs, queue[:bounds[p]], hp, rt)
         sync_device(rt.device)
         plan.observe(prefix_tokens[p] * plan.c_sgd, clock() - t_sgd)
         log(f"ttpp: phase:{p + 1}/{len(bounds)} gd:{bounds[p]} t:{clock() - t0:.1f}s")
         done, p = bounds[p], p + 1
-    rest = list(range(done, len(docs)))
-    ttt_score_docs(model, val, docs, balance_docs(rest, lengths, rt.world_size)[rt.rank], hp, rt, board, steps, plan)
+    ttt_score_docs(model, val, docs, balance_docs(queue[done:], lengths, rt.world_size)[rt.rank], hp, rt, board,
+                   steps, plan, hints=hints)
     cuts = all_reduce_(torch.tensor([plan.cuts[k] for k in ("batches", "fewer_grad_steps", "score_only")],
                                     device=rt.device))
     cuts = dict(zip(("batches", "fewer_grad_steps", "score_only"), (int(c) for c in cuts)),
@@ -3115,6 +3467,10 @@ def measure_ttt_throughput(model: GPT, hp: Hyperparameters, rt: Runtime, clock=t
         fval = ValidationData(toks, torch.ones(n - 1, dtype=torch.int32), "synthetic")
         return fval, find_docs(toks, model.bos_id)
     score_val, score_docs = synthetic(n_docs * L, L)
+    hints = None
+    if hp.ngram_tilt_enabled:  # the tilted scoring graph is the one the eval runs: warm that one
+        hints = NgramHints(torch.randint(0, hp.vocab_size, (n_docs * L - 1,), generator=gen),
+                           torch.full((n_docs * L - 1,), hp.token_boost))
     sgd_val, sgd_docs = synthetic(n_sgd, seq + 1)
     snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
     fake_rt = dataclasses.replace(rt, rank=0, world_size=1)
@@ -3129,13 +3485,14 @@ def measure_ttt_throughput(model: GPT, hp: Hyperparameters, rt: Runtime, clock=t
     for measure in ([False, True] if compiled else [True]):
         # with training first: in an eager run that call also pays the one-off costs (the estimate errs high)
         times = [timed(lambda gs=gs: ttt_score_docs(model, score_val, score_docs, list(range(len(score_docs))), hp,
-                                                      fake_rt, ScoreBoard(score_val, rt.device, False), gs))
+                                                      fake_rt, ScoreBoard(score_val, rt.device, False), gs,
+                                                      hints=hints))
                  for gs in (hp.ttt_grad_steps, 0)][::-1]
         times.append(timed(lambda: global_sgd_on_scored(model, sgd_val, sgd_docs, list(range(len(sgd_docs))), hp,
                                                          fake_rt)))
         model.load_state_dict(snapshot)
         if measure:
-            n = sum(ttt_row_tokens(L, hp.ttt_chunk_size, hp.ttt_eval_seq_len) for _, L in score_docs)
+            n = sum(ttt_row_tokens(L, ttt_chunk_for(hp, L), hp.ttt_eval_seq_len) for _, L in score_docs)
             rates = (n / times[0], n / times[1], n_sgd / times[2])
         else:
             warmup_s = sum(times)

@@ -17,7 +17,8 @@
 # limit is reported as failed; the stages after it still run. throughput.json is rewritten after each phase,
 # so a timeout keeps what was measured.
 # Knobs (env): GPU_CHECK_STEPS (timed throughput steps, 5), E2E_SECONDS (MAX_WALLCLOCK_SECONDS, 60; CPU 30),
-# E2E_VAL_TOKENS (VAL_MAX_TOKENS of the e2e eval, 131072), GPU_CHECK_SKIP_E2E=1, GPU_CHECK_SKIP_THROUGHPUT=1,
+# E2E_VAL_TOKENS (VAL_MAX_TOKENS of the e2e eval, 131072), E2E_PRESET (GPU e2e preset: sota, or frontier for
+# its step and eval time), GPU_CHECK_SKIP_E2E=1, GPU_CHECK_SKIP_THROUGHPUT=1,
 # TORCHINDUCTOR_CACHE_DIR (default .inductor_cache/: kept between runs on the same machine).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -118,7 +119,7 @@ if [ "${GPU_CHECK_SKIP_E2E:-0}" != 1 ]; then
     E2E+=(PRESET=cpu_smoke "MAX_WALLCLOCK_SECONDS=${E2E_SECONDS:-30}" GPTQ_CALIBRATION_BATCHES=2 TTT_ENABLED=0
           "VAL_MAX_TOKENS=${E2E_VAL_TOKENS:-8192}")
   else
-    E2E+=(PRESET=sota "MAX_WALLCLOCK_SECONDS=${E2E_SECONDS:-60}" "VAL_MAX_TOKENS=${E2E_VAL_TOKENS:-131072}"
+    E2E+=("PRESET=${E2E_PRESET:-sota}" "MAX_WALLCLOCK_SECONDS=${E2E_SECONDS:-60}" "VAL_MAX_TOKENS=${E2E_VAL_TOKENS:-131072}"
           PHASED_TTT_PREFIX_DOCS=32 WARMUP_STEPS=3)
   fi
   echo "env: ${E2E[*]}" | tee -a "$OUTDIR/e2e.log"

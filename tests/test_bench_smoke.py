@@ -55,3 +55,12 @@ def test_compress_bench_smoke(tmp_path, sample):
     coder = [b for k, b in rows.items() if k.startswith("weight coder")]
     assert len(coder) == 8 and all(b > 0 for b in coder)  # every variant round-tripped (asserted in the bench)
     assert rows["zstd-22 (transposed codes)"] > 0 and rec[0]["role_bits"]["mlp.fc"] > 0
+
+
+def test_frontier_bench_smoke(tmp_path, sample):
+    out, rec = run_bench("frontier_bench", tmp_path, sample, "--part", "quant")
+    assert "| quantization arm" in out
+    arms = rec["quant"]
+    assert arms[0]["arm"].startswith("baseline") and arms[-1]["arm"].startswith("frontier") and len(arms) == 3
+    target = arms[0]["target"]
+    assert all(r["model_bytes"] <= target * 1.01 and r["val_bpb"] > 0 for r in arms)  # fitted to equal bytes

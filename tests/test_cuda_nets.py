@@ -137,7 +137,7 @@ def test_fa3_gets_one_dtype_when_autocast_runs_rms_norm_in_fp32(fake_fa3, monkey
 
 @pytest.mark.parametrize("backend", ["sdpa", "flash3"])
 def test_training_forward_is_one_graph_per_schedule(backend, graphs, request):
-    """fullgraph=True (a graph break raises) for both layer schedules; then batches with 1, 9 and 30 documents
+    """fullgraph=True (a graph break raises) for both layer schedules and each piece length; then batches with 1, 9 and 30 documents
     under error_on_recompile: the document structure has static shapes (FA3: cu_seqlens padded to a fixed
     length, max_seqlen = the row length; before: torch.nonzero + int(max) broke the graph and recompiled
     for every new document count)."""
@@ -149,20 +149,21 @@ def test_training_forward_is_one_graph_per_schedule(backend, graphs, request):
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=backend == "flash3")  # FA3 takes bf16
 
     def step(n_docs, seed):
-        x, y = rows_with_docs(n_docs, seed)
+        x, y = rows_with_docs(n_docs, seed, rows=1, width=512)  # the packed loader's one flat row
         with autocast:
             loss = fwd(x, y)
         loss.backward()
-    for looping in (False, True):
-        model.looping = looping
+    shapes = [(piece, looping) for piece in (64, 128) for looping in (False, True)]  # progressive context
+    for piece, looping in shapes:
+        model.doc_piece_len, model.looping = piece, looping
         step(3, 0)
-    assert len(graphs) == 2
+    assert len(graphs) == len(shapes)
     with no_recompiles():
-        for looping in (False, True):
-            model.looping = looping
+        for piece, looping in shapes:
+            model.doc_piece_len, model.looping = piece, looping
             for n_docs, seed in ((1, 1), (9, 2), (30, 3)):
                 step(n_docs, seed)
-    assert len(graphs) == 2
+    assert len(graphs) == len(shapes)
     assert not [n for gm in graphs for n in data_dependent_nodes(gm)]
     if fa3 is not None:
         assert fa3.CALLS["forward"] > 0 and fa3.CALLS["backward"] > 0
@@ -219,16 +220,18 @@ def test_forward_mutates_no_module_state(graphs):
 
 # ---- eval and TTT: compiled, fixed row counts, dynamic row width ---------------------------------------------
 
-@pytest.mark.parametrize("backend", ["sdpa", "flash3"])
-def test_eval_and_ttt_compile_once(backend, graphs, request, tmp_path):
+@pytest.mark.parametrize("backend,tilt", [("sdpa", "0"), ("flash3", "1")])
+def test_eval_and_ttt_compile_once(backend, tilt, graphs, request, tmp_path):
     """Plain / sliding eval (fixed rows per forward, the last batch padded) and phased TTT (LoRA score+train and
     score-only forwards with a dynamic row width, global SGD with fixed rows) compile once; a second validation
-    set with other documents, lengths and chunk counts adds no graph."""
+    set with other documents, lengths and chunk counts adds no graph. With the n-gram tilt the TTT graphs are
+    the hint-taking ones, warmed by the throughput probe (the record compiled them inside the eval timer)."""
     if backend == "flash3":
         request.getfixturevalue("fake_fa3")
     graphs.backend = "eager"  # dynamo's verdicts only; the inductor run is test_compiled_bf16_pipeline
     hp = net_hp(COMPILE="1", ATTN_BACKEND=backend, AUTOCAST_BF16="1" if backend == "flash3" else "0",
-                PHASED_TTT_PREFIX_DOCS="4", PHASED_TTT_NUM_PHASES="2", TTT_BATCH_SIZE="4")
+                PHASED_TTT_PREFIX_DOCS="4", PHASED_TTT_NUM_PHASES="2", TTT_BATCH_SIZE="4", NGRAM_TILT_ENABLED=tilt,
+                TOKEN_ORDER="2", TTT_SHORT_SCORE_FIRST_ENABLED=tilt, TTT_SHORT_SCORE_FIRST_STEPS="150:16")
     model = randomize(T.GPT(hp, 1, backend), scale=0.05)
     model.looping = True
     rt = cpu_runtime(tmp_path)
@@ -237,8 +240,12 @@ def test_eval_and_ttt_compile_once(backend, graphs, request, tmp_path):
     T.eval_val(model, val, hp, rt)
     T.eval_sliding(model, val, hp, rt)
     assert len(graphs) == 1
+    model.eval()  # as eval_ttt runs it
+    T.measure_ttt_throughput(model, hp, rt)  # the eval's compile warm-up: every TTT graph
+    n_graphs = len(graphs)
+    assert n_graphs == 4  # + TTT score+train, TTT score only (last chunks), global SGD
     T.eval_ttt(model, val, hp, rt, "ttt", True, False, None, quiet)
-    assert len(graphs) == 4  # + TTT score+train, TTT score only (last chunks), global SGD
+    assert len(graphs) == n_graphs  # the warm-up compiled what the real pass runs
     other = synthetic_val(3100, 9, 1)
     with no_recompiles():
         T.eval_val(model, other, hp, rt)
@@ -382,6 +389,10 @@ def test_compiled_bf16_pipeline(sample, tmp_path):
     # one layer schedule (NUM_LOOPS=0): looping adds no new kind of op, and each inductor graph costs ~30 s here
     env = {**os.environ, **TINY, **NET, **sample, "NUM_LOOPS": "0", "ITERATIONS": "6", "MAX_WALLCLOCK_SECONDS": "0",
            "PHASED_TTT_NUM_PHASES": "1", "AUTOCAST_BF16": "1", "ATTN_BACKEND": "flash3",
+           # the frontier's flags (PRESET=frontier at this scale): two piece lengths, tilted TTT, AWQ-lite
+           "TRAIN_SEQ_SCHEDULE": "64@0.5,128@1.0", "TRAIN_SEQ_SCHEDULE_MODE": "step", "NGRAM_TILT_ENABLED": "1",
+           "TOKEN_ORDER": "4", "TTT_SHORT_SCORE_FIRST_ENABLED": "1", "TTT_K_LORA": "0", "AWQ_LITE_ENABLED": "1",
+           "GATED_ATTN_QUANT_GATE": "0", "LQER_RANK": "2", "LQER_TOP_K": "4", "LQER_ASYM_GROUP": "32",
            "PYTHONPATH": os.path.join(ROOT, "tests", "fake_fa3"), "OMP_NUM_THREADS": "2",
            "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
@@ -398,9 +409,12 @@ def test_compiled_bf16_pipeline(sample, tmp_path):
     for stage in ("prequant", "quantized", "quantized_sliding", "quantized_ttt_phased"):
         assert compiled[stage]["tokens"] == 4096 and math.isfinite(compiled[stage]["val_bpb"]), stage
     assert compiled["quantized_ttt_phased"]["val_bpb"] < compiled["quantized"]["val_bpb"]
-    assert re.search(r"^warmup: 1 steps looping:0 ", out, re.M)
+    assert re.search(r"^warmup: 1 steps piece:64 looping:0 ", out, re.M)
+    assert re.search(r"^warmup: 1 steps piece:128 looping:0 ", out, re.M)
+    assert re.search(r"^train_seq_len: 64 -> 128 step:4 ", out, re.M)
+    assert re.search(r"^ngram_tilt: [1-9]\d*/", out, re.M) and re.search(r"^awq_lite: 8-bit column groups", out, re.M)
     warmup = re.search(r"compile warm-up ([\d.]+)s", out)
     assert warmup and float(warmup.group(1)) > 0  # measure_ttt_throughput's untimed pass compiled the TTT graphs
     eager, _ = run("eager", COMPILE="0", EVAL_ONLY="1", ARTIFACT=str(tmp_path / "compiled" / "final_model.ptz"),
-                   TTT_ENABLED="0", EVAL_STRIDE="0")
+                   TTT_ENABLED="0", NGRAM_TILT_ENABLED="0", EVAL_STRIDE="0")
     assert eager["quantized"]["val_bpb"] == pytest.approx(compiled["quantized"]["val_bpb"], rel=2e-3)

@@ -130,7 +130,19 @@ def test_packed_loader_wraps_around_short_shards(tmp_path):
     ld = T.PackedDocumentLoader(T.list_shards(str(tmp_path), "train"), 0, 1, 256, 128, torch.device("cpu"))
     for _ in range(3):
         x, _ = ld.next_batch()
-        assert x.shape == (2, 128)
+        assert x.shape == (1, 256)  # one flat row per micro-batch, as the record
+
+
+def test_packed_rows_cut_documents_at_start_plus_k_pieces():
+    """Segments start at column 0, at each BOS and every piece_len tokens into a document, never at a fixed
+    row start (#1855's loader); positions restart at each segment (the rotary angle)."""
+    ids = torch.full((1, 40), 7)
+    ids[0, [5, 30]] = 1
+    starts = T.segment_starts(ids, 1, piece_len=8)[0].nonzero().flatten().tolist()
+    assert starts == [0, 5, 13, 21, 29, 30, 38]
+    doc = T.prepare_attention("sdpa", ids, 1, piece_len=8)
+    assert doc.pos[0, :16].tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2] and doc.piece_len == 8
+    assert T.segment_starts(ids, 1)[0].nonzero().flatten().tolist() == [0, 5, 30]  # no piece cut
 
 
 def test_shuffled_loader_ranks_disjoint_seeded(sample):

@@ -44,24 +44,59 @@ def run_eval(mode, model, val, hp, rt):
     return r
 
 
-@pytest.mark.parametrize("mode", ["plain", "sliding", "ttt", "phased"])
+def repetitive_val(n_docs=12, seed=0):
+    """Random documents, every third one repeating a motif: the n-gram tilt has contexts to hint from."""
+    g = torch.Generator().manual_seed(seed)
+    toks = synthetic_val(n_docs, seed)
+    docs = T.find_docs(toks, 1)
+    motif = torch.randint(4, 1024, (12,), generator=g)
+    for s, L in docs[::3]:
+        toks[s + 1: s + L - 1] = motif.repeat(L // 12 + 1)[: L - 2]
+    return toks
+
+
+def reading_rank(toks, mode) -> torch.Tensor:
+    """Each target's index in the order the eval reads it: stream order for plain/sliding, TTT's document
+    queue (longest first) otherwise. Causality is judged in that order."""
+    if mode in ("plain", "sliding"):
+        return torch.arange(toks.numel() - 1)
+    docs = T.find_docs(toks, 1)
+    pos = torch.cat([torch.arange(docs[d][0], docs[d][0] + docs[d][1] - 1) for d in T.scoring_order(docs)])
+    rank = torch.empty_like(pos)
+    rank[pos] = torch.arange(pos.numel())
+    return rank
+
+
+ALL_FRONTIER_EVAL = dict(NGRAM_TILT_ENABLED="1", TOKEN_ORDER="3", TTT_SHORT_SCORE_FIRST_ENABLED="1",
+                         TTT_SHORT_SCORE_FIRST_STEPS="100:8,200:16", TTT_MASK="no_qv", TTT_LOCAL_LR_MULT="0.75",
+                         TTT_WEIGHT_DECAY="2.0", ASYM_LOGIT_RESCALE="1")
+EVAL_MODES = {"plain": {}, "sliding": {}, "ttt": {}, "phased": {}, "tilt": dict(NGRAM_TILT_ENABLED="1", TOKEN_ORDER="3"),
+              "all": ALL_FRONTIER_EVAL}
+
+
+@pytest.mark.parametrize("mode", list(EVAL_MODES))
 def test_causality_and_every_token_scored_once(mode, tmp_path):
-    hp, m = model_and_hp()
+    """Changing token p leaves the loss of every target read before it bit-identical (in the eval's reading
+    order), changes some later one, and every target is scored exactly once (ScoreBoard raises otherwise)."""
+    hp, m = model_and_hp(**EVAL_MODES[mode])
     rt = cpu_runtime(tmp_path)
-    toks = synthetic_val()
+    toks = repetitive_val()
     val = make_val(toks)
-    base = run_eval(mode, m, val, hp, rt)
+    kind = {"tilt": "phased", "all": "phased"}.get(mode, mode)
+    base = run_eval(kind, m, val, hp, rt)
     assert base.tokens == val.num_targets and base.bytes == int(val.target_bytes.sum())
     assert base.token_losses.shape == (val.num_targets,) and torch.isfinite(base.token_losses).all()
     assert math.isclose(base.loss_sum, float(base.token_losses.double().sum()), rel_tol=1e-5)
+    rank = reading_rank(toks, kind)
     docs = T.find_docs(toks, 1)
     for p in (docs[3][0] + 5, docs[8][0] + 17, toks.numel() - 10):
         alt = toks.clone()
         alt[p] = 4 + (alt[p] + 11) % 1000
         assert alt[p] != 1
-        r = run_eval(mode, m, make_val(alt), hp, rt)
-        assert torch.equal(r.token_losses[: p - 1], base.token_losses[: p - 1]), f"{mode}: position {p} leaked"
-        assert not torch.equal(r.token_losses[p - 1:], base.token_losses[p - 1:])
+        r = run_eval(kind, m, make_val(alt), hp, rt)
+        before = rank < rank[p - 1]  # target p-1 is token p
+        assert torch.equal(r.token_losses[before], base.token_losses[before]), f"{mode}: position {p} leaked"
+        assert not torch.equal(r.token_losses[~before], base.token_losses[~before])
 
 
 def test_sliding_with_full_stride_is_plain_eval(tmp_path):

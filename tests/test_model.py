@@ -100,6 +100,24 @@ def test_sdpa_attention_matches_per_document_reference(hkv):
     assert torch.allclose(T.attention_sdpa(q, k, v, doc), T.attention_reference(q, k, v, doc), atol=1e-5)
 
 
+@pytest.mark.parametrize("hkv", [1, 2])
+def test_banded_sdpa_on_a_flat_row_matches_reference(hkv):
+    """A packed training row (one flat row, pieces of at most 8 tokens): the banded mask (each block of 8
+    queries sees its own and the previous block of keys) equals the per-document reference, gradients too."""
+    g = torch.Generator().manual_seed(2)
+    Tn, H, D = 45, 4, 16
+    q, k, v = (torch.randn(1, Tn, h, D, generator=g, requires_grad=True) for h in (H, hkv, hkv))
+    ids = torch.randint(2, 50, (1, Tn), generator=g)
+    ids[0, [3, 4, 20]] = 1
+    doc = T.prepare_attention("sdpa", ids, 1, piece_len=8)
+    assert doc.prepared.shape == (1, 6, 1, 8, 16)  # banded: T > 2 x piece_len
+    out, ref = T.attention_sdpa(q, k, v, doc), T.attention_reference(q, k, v, doc)
+    assert torch.allclose(out, ref, atol=1e-5)
+    ga = torch.autograd.grad(out.square().sum(), (q, k, v))
+    gb = torch.autograd.grad(ref.square().sum(), (q, k, v))
+    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(ga, gb))
+
+
 def test_smear_gate_identity_at_init_and_masks_bos():
     m = T.GPT(tiny_hp(), 1)
     x = torch.randn(1, 6, 64)
