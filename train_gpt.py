@@ -70,7 +70,7 @@ PRESETS: dict[str, dict] = {
         ttt_lora_lr=8e-5, ttt_weight_decay=2.0, ttt_k_lora=False, matrix_lr=0.028, gptq_calibration_batches=32,
         lqer_asym_group=32, gated_attn_quant_gate=False,
         train_seq_len=3072, train_seq_schedule="1024@0.1,2048@0.7,3072@1.0",  # B1 (#2014)
-        ttt_short_score_first_enabled=True, qk_gain_init=5.25, awq_lite_enabled=True,  # B3, B5, B6
+        qk_gain_init=5.25, awq_lite_enabled=True,  # B5, B6 (B3's short-doc chunks would overrun the eval)
         lqer_rank=2, lqer_top_k=4),  # B7 (#2060)
     "cpu_smoke": dict(  # the whole sota pipeline, small enough for 2 CPU cores in a few minutes
         data_path="./data/datasets/offline_sample_sp1024",
@@ -3090,12 +3090,12 @@ def parse_short_chunks(hp: Hyperparameters) -> list[tuple[int, int]]:
                   if part.strip())
 
 
-def ttt_chunk_for(hp: Hyperparameters, longest: int) -> int:
-    """Chunk size of a TTT batch whose longest document has `longest` tokens (#2014: short documents get more
-    adapter steps before their later tokens are scored)."""
+def ttt_chunk_for(hp: Hyperparameters, length: int) -> int:
+    """TTT chunk size of a document of `length` tokens (#2014 chose it per batch of similar lengths: short
+    documents get more adapter steps before their later tokens are scored)."""
     if hp.ttt_short_score_first_enabled:
         for max_len, chunk in parse_short_chunks(hp):
-            if longest <= max_len:
+            if length <= max_len:
                 return chunk
     return hp.ttt_chunk_size
 
@@ -3168,6 +3168,18 @@ def _ttt_rows(val_tokens, docs, batch, c, C, ctx, n_rows, hints: NgramHints | No
     return TTTRows(X, Y, spans, H, Bo)
 
 
+def ttt_batches(order: list[int], docs, hp: Hyperparameters) -> list[list[int]]:
+    """TTT_BATCH_SIZE documents per batch along `order` (longest first), a new batch wherever the chunk size
+    changes: every document gets the chunk of its own length, whatever the world size splits off."""
+    batches: list[list[int]] = []
+    for d in order:
+        if not batches or len(batches[-1]) == hp.ttt_batch_size or \
+                ttt_chunk_for(hp, docs[d][1]) != ttt_chunk_for(hp, docs[batches[-1][0]][1]):
+            batches.append([])
+        batches[-1].append(d)
+    return batches
+
+
 def ttt_score_docs(model: GPT, val: ValidationData, docs, my_docs: list[int], hp: Hyperparameters, rt: Runtime,
                    board: ScoreBoard, grad_steps: int, plan: "TTTPlan | None" = None, later_s: float = 0.0,
                    hints: NgramHints | None = None) -> None:
@@ -3195,8 +3207,7 @@ def ttt_score_docs(model: GPT, val: ValidationData, docs, my_docs: list[int], hp
     for p in model.parameters():
         p.requires_grad_(False)
     left = sum(ttt_row_tokens(lengths[d], ttt_chunk_for(hp, lengths[d]), ctx) for d in order)  # row tokens left
-    for b0 in range(0, len(order), hp.ttt_batch_size):
-        batch = order[b0: b0 + hp.ttt_batch_size]
+    for b0, batch in enumerate(ttt_batches(order, docs, hp)):
         n_rows = -(-len(batch) // rows) * rows if fwd is not model else len(batch)  # eager: no padding needed
         steps = grad_steps
         opt = None
@@ -3208,7 +3219,7 @@ def ttt_score_docs(model: GPT, val: ValidationData, docs, my_docs: list[int], hp
                         lora.A[n].copy_(init_A[n].expand_as(lora.A[n]))
             opt = torch.optim.AdamW(lora.parameters(), lr=hp.ttt_lora_lr * hp.ttt_local_lr_mult,
                                     betas=(hp.ttt_beta1, hp.ttt_beta2), eps=1e-10, weight_decay=hp.ttt_weight_decay)
-        C = ttt_chunk_for(hp, max(docs[d][1] for d in batch))
+        C = ttt_chunk_for(hp, docs[batch[0]][1])
         n_chunks = max(-(-(docs[d][1] - 1) // C) for d in batch)
         for c in range(n_chunks):
             X, Y, spans, H, Bo = (t.to(rt.device) if isinstance(t, torch.Tensor) else t
@@ -3333,14 +3344,15 @@ class TTTPlan:
 
     def phases_and_steps(self, score_tokens: float, sgd_tokens: list[float], grad_steps: int) -> tuple[int, int]:
         """(global SGD phases kept, grad steps) for the rest of the eval: drop the latest phases first, then
-        grad steps; scoring is never dropped."""
+        grad steps down to 1; the last step goes batch by batch (grad_steps_for), so a plan 10% over the
+        deadline loses ~10% of the adaptation, not all of it. Scoring is never dropped."""
         kept, steps = len(sgd_tokens), grad_steps
 
         def nominal(ph, gs):
             return self.score_s(score_tokens, gs) + sum(sgd_tokens[:ph]) * self.c_sgd
         while kept > 0 and not self.fits(nominal(kept, steps)):
             kept -= 1
-        while steps > 0 and not self.fits(nominal(kept, steps)):
+        while steps > 1 and not self.fits(nominal(kept, steps)):
             steps -= 1
         if (kept, steps) != (len(sgd_tokens), grad_steps):
             self.why = (f"projected {self.drift * nominal(len(sgd_tokens), grad_steps):.0f}s of TTT as planned, "
@@ -3401,7 +3413,7 @@ def eval_ttt(model: GPT, val: ValidationData, hp: Hyperparameters, rt: Runtime, 
         agreed = all_reduce_(torch.tensor([kept, steps], device=rt.device),
                              dist.ReduceOp.MIN if dist.is_initialized() else None)
         kept, steps = int(agreed[0]), int(agreed[1])
-        if p == 0 and steps == 0 and not plan.fits(plan.score_s(left_tokens, 0)):
+        if p == 0 and not plan.fits(plan.score_s(left_tokens, 0)):
             log(f"ttt_budget: WARNING scoring alone needs ~{plan.drift * plan.score_s(left_tokens, 0):.0f}s, "
                 f"{plan.deadline - clock():.0f}s are left of EVAL_TIME_BUDGET={hp.eval_time_budget:.0f}s: every "
                 f"token is still scored, the budget will be exceeded")

@@ -155,7 +155,8 @@ def test_ttt_improves_on_repetitive_documents(tmp_path):
 
 def test_ttt_plan_cuts_adaptation_never_scoring():
     """1e6 tokens to score: 50 s scoring alone, +50 s with one grad step; global SGD phases of 50 s and 100 s.
-    Phases go first (the latest), then grad steps down to score-only; a measured slowdown (drift) counts."""
+    Phases go first (the latest), then grad steps down to 1, the last step batch by batch (partial: a small
+    overrun costs a small share of the adaptation); a measured slowdown (drift) counts."""
     rates = T.TTTThroughput(score_only_tok_s=2e4, score_tok_s=1e4, sgd_tok_s=1e3, warmup_s=0.0)
     now = [0.0]
 
@@ -163,7 +164,9 @@ def test_ttt_plan_cuts_adaptation_never_scoring():
         plan = plan or T.TTTPlan(rates, 1, budget, lambda: now[0])
         return plan.phases_and_steps(1e6, [5e4, 1e5], 1)
     assert fit(400) == (2, 1) and fit(220) == (1, 1) and fit(120) == (0, 1)
-    assert fit(60) == (0, 0) and fit(10) == (0, 0)  # score-only; below that scoring still happens
+    assert fit(60) == (0, 1) and fit(10) == (0, 1)  # the per-batch planner cuts to score-only as needed
+    two = T.TTTPlan(T.TTTThroughput(2e4, 2e4 / 3, 1e3, 0.0), 2, 120, lambda: now[0])  # 50 s per grad step
+    assert two.phases_and_steps(1e6, [], 2) == (0, 1)  # 150 s at 2 steps, 100 s at 1: fits with one step
     slow = T.TTTPlan(rates, 1, 400, lambda: now[0])
     slow.observe(10.0, 20.0)  # the work so far took twice the predicted time
     assert slow.drift == 2.0 and fit(400, slow) == (1, 1) and "drift x2.00" in slow.why
@@ -181,6 +184,9 @@ def _eval_worker(rank, world):
     for mode in ("plain", "sliding", "phased"):
         r = run_eval(mode, m, val, hp, rt)
         res[mode] = (r.loss_sum, r.tokens, r.bytes, r.token_losses)
+    hp_all, m_all = model_and_hp(**ALL_FRONTIER_EVAL)  # tilt + the TTT flags: ranks split the same queue
+    r = run_eval("phased", m_all, make_val(repetitive_val()), hp_all, rt)
+    res["all"] = (r.loss_sum, r.tokens, r.bytes, r.token_losses)
     return res
 
 
@@ -190,7 +196,11 @@ def test_two_ranks_match_one(tmp_path):
         a, b = outs[1][mode], outs[2][mode]
         assert a[1] == b[1] and a[2] == b[2]
         assert math.isclose(a[0], b[0], rel_tol=1e-5), mode
-        assert torch.allclose(a[3], b[3], atol=1e-4), mode
+        # "all": ~40 adapter steps at lr 0.01 on 8-token chunks grow float differences (other batch shapes per
+        # rank) to ~1e-3 at a couple of positions; a logic difference would move many positions by far more
+        tol = 2e-3 if mode == "all" else 1e-4
+        d = (a[3] - b[3]).abs()
+        assert d.max() < tol and d.mean() < 1e-5, (mode, d.max().item(), int((d > 1e-4).sum()))
 
 
 def test_phased_ttt_with_fewer_docs_than_phases(tmp_path):

@@ -115,6 +115,17 @@ def test_short_documents_get_short_chunks():
         tiny_hp(TTT_SHORT_SCORE_FIRST_STEPS="256-8").validate(check_files=False)
 
 
+def test_ttt_batches_split_where_the_chunk_size_changes():
+    """Each document gets the chunk of its own length: batches never mix chunk sizes, so the split over ranks
+    does not change a document's chunk (the record chose it per batch of similar lengths)."""
+    hp = tiny_hp(TTT_SHORT_SCORE_FIRST_ENABLED="1", TTT_SHORT_SCORE_FIRST_STEPS="256:8,2000:24", TTT_BATCH_SIZE="3")
+    docs = [(0, n) for n in (3000, 2500, 1900, 1500, 1200, 900, 300, 250, 100, 50)]
+    batches = T.ttt_batches(list(range(10)), docs, hp)
+    assert batches == [[0, 1], [2, 3, 4], [5, 6], [7, 8, 9]]
+    assert all(len({T.ttt_chunk_for(hp, docs[d][1]) for d in b}) == 1 for b in batches)
+    assert T.ttt_batches(list(range(10)), docs, tiny_hp(TTT_BATCH_SIZE="4")) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
 @pytest.mark.parametrize("flag", [dict(TTT_LOCAL_LR_MULT="0.5"), dict(TTT_MASK="no_qv"), dict(TTT_K_LORA="0"),
                                   dict(TTT_SHORT_SCORE_FIRST_ENABLED="1", TTT_SHORT_SCORE_FIRST_STEPS="400:8"),
                                   dict(TTT_WEIGHT_DECAY="2.0", TTT_LORA_LR="0.02")])
@@ -264,8 +275,7 @@ def test_frontier_preset_sets_every_technique_and_sota_none():
     expect = dict(ngram_tilt_enabled=True, eval_seq_len=2560, ttt_eval_seq_len=2560, phased_ttt_num_phases=1,
                   ttt_lora_lr=8e-5, ttt_weight_decay=2.0, ttt_k_lora=False, matrix_lr=0.028,
                   gptq_calibration_batches=32, lqer_asym_group=32, gated_attn_quant_gate=False,
-                  train_seq_schedule="1024@0.1,2048@0.7,3072@1.0", ttt_short_score_first_enabled=True,
-                  qk_gain_init=5.25, awq_lite_enabled=True, lqer_rank=2, lqer_top_k=4)
+                  train_seq_schedule="1024@0.1,2048@0.7,3072@1.0", qk_gain_init=5.25, awq_lite_enabled=True, lqer_rank=2, lqer_top_k=4)
     for k, v in expect.items():
         assert getattr(fr, k) == v, k
         assert getattr(sota, k) != v, k
