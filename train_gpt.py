@@ -742,13 +742,9 @@ class ShuffledSequenceLoader:
         return t[:, :-1].to(self.device), t[:, 1:].to(self.device)
 
 
-def segment_ids(ids: torch.Tensor, bos_id: int, piece_len: int = 0) -> torch.Tensor:
-    """Segment index of every position of each row: a segment starts at column 0, at each BOS and, with
-    piece_len, every piece_len tokens into a document (the record's cut at doc start + k*TRAIN_SEQ_LEN)."""
-    return torch.cumsum(segment_starts(ids, bos_id, piece_len).to(torch.int32), dim=-1)
-
-
 def segment_starts(ids: torch.Tensor, bos_id: int, piece_len: int = 0) -> torch.Tensor:
+    """Where a segment starts in each row: column 0, each BOS and, with piece_len, every piece_len tokens into a
+    document (the record's cut at doc start + k*TRAIN_SEQ_LEN)."""
     col = torch.arange(ids.size(1), device=ids.device)
     starts = (ids == bos_id) | (col == 0)
     if piece_len and ids.size(1) > piece_len:

@@ -47,7 +47,7 @@ def keys_per_query(T: int, mean_doc_len: float | None, attention: str = "causal"
 
 def keys_per_query_from_ids(ids, bos_id: int, attention: str = "causal") -> float:
     """Exact mean keys per query of a batch of rows [B, T]: documents start at each BOS and at column 0
-    (the segmentation train_gpt.segment_ids gives the attention mask)."""
+    (the segmentation train_gpt.prepare_attention gives the attention mask)."""
     import torch
     B, T = ids.shape
     if attention == "dense_row":

@@ -111,7 +111,7 @@ def test_packed_loader_disjoint_ranks_cover_stream_and_never_open_val(sample, mo
 def test_document_boundaries_are_bos_positions():
     bos = 1
     ids = torch.tensor([[5, 6, 1, 7, 8, 1, 9] + [9] * 57, [1, 2, 3, 4, 1, 5, 6] + [6] * 57])
-    seg = T.segment_ids(ids, bos)
+    seg = T.prepare_attention("reference", ids, bos).seg
     for row, s in zip(ids, seg):
         changes = (s[1:] != s[:-1]).nonzero().flatten() + 1
         assert all(row[c] == bos for c in changes)
@@ -121,7 +121,7 @@ def test_document_boundaries_are_bos_positions():
     assert cu[:6].tolist() == [0, 2, 5, 64, 68, 128] and set(cu[6:].tolist()) == {128}  # tail: empty segments
     dense = torch.ones(2, 64, dtype=torch.long)  # a BOS at every token: more documents than the capacity
     with pytest.raises(RuntimeError, match="cu_seqlens_capacity"):
-        T.cu_seqlens_from_segments(T.segment_ids(dense, bos))
+        T.cu_seqlens_from_segments(T.prepare_attention("reference", dense, bos).seg)
 
 
 def test_packed_loader_wraps_around_short_shards(tmp_path):
@@ -187,4 +187,4 @@ def test_caseops_validation_uses_the_byte_sidecar(tmp_path):
 
 def test_rows_without_bos_are_one_segment():
     ids = torch.tensor([[5, 6, 7, 8]])
-    assert T.segment_ids(ids, 1).unique().numel() == 1
+    assert T.prepare_attention("reference", ids, 1).seg.unique().numel() == 1
