@@ -8,6 +8,7 @@ Importing this file has no side effects; tests import its functions.
 from __future__ import annotations
 
 import ast
+import builtins
 import copy
 import dataclasses
 import datetime
@@ -21,6 +22,7 @@ import math
 import os
 import platform
 import random
+import re
 import struct
 import subprocess
 import sys
@@ -2786,33 +2788,57 @@ def code_source() -> bytes:
 
 
 def minify_source(source: bytes) -> bytes:
-    """The same program in fewer bytes: no comments, docstrings or annotations (decorated functions keep theirs:
-    Triton reads `tl.constexpr`), short names for the locals of undecorated functions, no optional spaces.
-    Each step is checked against the parsed program; one that would change it is skipped."""
+    """The same program in fewer bytes: no comments, docstrings or annotations, short names for module-level
+    functions and constants and for the locals of functions, no optional spaces. Triton kernels keep their
+    text (`tl.constexpr` annotations, the globals they read); names that a string, an attribute, a keyword
+    argument or a class body could mean keep theirs, so string lookups, tracebacks and reprs still name them.
+    The squeezed text must parse to the same program, else the unsqueezed one is returned."""
     tree = ast.parse(source)
-    module_names = {getattr(n, "id", getattr(n, "arg", getattr(n, "attr", getattr(n, "name", None))))
-                    for n in ast.walk(tree)}
+    jit = lambda fn: any("jit" in ast.unparse(d) for d in fn.decorator_list)
     for node in ast.walk(tree):
         body = getattr(node, "body", None)
         if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and \
                 isinstance(getattr(body[0], "value", None), ast.Constant) and isinstance(body[0].value.value, str):
             node.body = body[1:] or [ast.Pass()]
-        if isinstance(node, ast.FunctionDef) and not node.decorator_list:
+        if isinstance(node, ast.FunctionDef) and not jit(node):
             node.returns = None
             a = node.args
             for arg in a.posonlyargs + a.args + a.kwonlyargs + [a.vararg, a.kwarg]:
                 if arg is not None:
                     arg.annotation = None
+    nodes = list(ast.walk(tree))
+    taken = {getattr(n, "id", getattr(n, "arg", getattr(n, "attr", getattr(n, "name", None)))) for n in nodes}
+    kept = [s for n in nodes if isinstance(n, ast.Constant) and isinstance(n.value, str) for s in [n.value]] + \
+        [n.arg for n in nodes if isinstance(n, (ast.arg, ast.keyword))] + \
+        [n.attr for n in nodes if isinstance(n, ast.Attribute)] + \
+        [ast.unparse(f) for f in nodes if isinstance(f, ast.FunctionDef) and jit(f)] + \
+        [ast.unparse(s.target) for c in nodes if isinstance(c, ast.ClassDef) for s in c.body
+         if isinstance(s, ast.AnnAssign)]
+    keep = set(re.findall(r"[A-Za-z_]\w*", " ".join(k for k in kept if k)))
+    abc = "abcdefghijklmnopqrstuvwxyz"  # locals get lower case, module names upper case: no clashes between them
+    short = lambda avoid, abc=abc: (x for x in (f"{c}{i or ''}" for i in range(999) for c in abc)
+                                    if x not in avoid and not hasattr(builtins, x))
+    tops = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)} | \
+        {x.id for n in tree.body if isinstance(n, (ast.Assign, ast.AnnAssign))
+         for t in getattr(n, "targets", [getattr(n, "target", None)]) for x in ast.walk(t) if isinstance(x, ast.Name)}
+    names = dict(zip(sorted(t for t in tops - keep if len(t) > 2 and t[:2] != "__"), short(taken, abc.upper())))
+    for n in nodes:
+        if isinstance(n, ast.Name) and n.id in names:
+            n.id = names[n.id]
+        elif isinstance(n, ast.FunctionDef) and n.name in names:
+            n.name = names[n.name]
+        elif isinstance(n, ast.Global):
+            n.names = [names.get(x, x) for x in n.names]
+    taken |= set(names.values())
     for fn in [n for n in tree.body if isinstance(n, ast.FunctionDef)] + \
             [m for c in tree.body if isinstance(c, ast.ClassDef) for m in c.body if isinstance(m, ast.FunctionDef)]:
         sub = list(ast.walk(fn))
-        if fn.decorator_list or any(isinstance(n, (ast.ClassDef, ast.Global, ast.Nonlocal, ast.ExceptHandler,
-                                                   ast.Import, ast.ImportFrom)) for n in sub):
+        if jit(fn) or any(isinstance(n, (ast.ClassDef, ast.Global, ast.Nonlocal, ast.ExceptHandler, ast.Import,
+                                         ast.ImportFrom)) for n in sub):
             continue
         args = {n.arg for n in sub if isinstance(n, ast.arg)}
         local = sorted({n.id for n in sub if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)} - args)
-        short = (f"{c}{i or ''}" for i in range(99) for c in "abcdefghijklmnopqrstuvwxyz")
-        names = dict(zip(local, (x for x in short if x not in module_names and x not in args)))
+        names = dict(zip(local, short(taken | args)))
         for n in sub:
             if isinstance(n, ast.Name) and len(n.id) > 2 and n.id in names:
                 n.id = names[n.id]

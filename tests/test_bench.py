@@ -98,7 +98,7 @@ def test_throughput_runs_on_cpu(tmp_path):
 
 @pytest.mark.skipif(os.environ.get("GPU_CHECK_SKIP") == "1", reason="GPU_CHECK_SKIP=1")
 def test_gpu_check_cpu_mode(tmp_path):
-    env = {**os.environ, "GPU_CHECK_OUT": str(tmp_path / "gc")}
+    env = {**os.environ, "GPU_CHECK_OUT": str(tmp_path / "gc"), "E2E_KEEP_ARTIFACT": "1"}
     for k in [k for k in env if k in ("PRESET", "OUT")]:
         env.pop(k)
     p = subprocess.run(["bash", os.path.join(ROOT, "scripts", "gpu_check.sh"), "--cpu"], env=env,
@@ -108,3 +108,7 @@ def test_gpu_check_cpu_mode(tmp_path):
     assert " 0 fail" in summary and "end_to_end" in summary and "throughput" in summary
     checks = json.loads((tmp_path / "gc" / "checks.json").read_text())["results"]
     assert checks and all(c["ok"] is not False for c in checks) and sum(c["ok"] is True for c in checks) >= 8
+    record = json.loads((tmp_path / "gc" / "e2e_record.json").read_text())
+    kept = (tmp_path / "gc" / "e2e_model.ptz").read_bytes()  # E2E_KEEP_ARTIFACT: the codes for compress_bench
+    assert len(kept) == record["artifact"]["model_bytes"]
+    assert T.unpack_artifact(kept)

@@ -181,6 +181,40 @@ def test_shipped_train_gpt_wrapper_runs(tmp_path):
     assert r.returncode == 2 and "must be divisible by NUM_HEADS=7" in r.stderr, r.stderr[-2000:]
 
 
+def test_minified_source_renames_only_what_nothing_can_look_up():
+    """Module-level functions and constants get short names; what a string, an attribute, a keyword, a class
+    body or a Triton kernel could mean keeps its name; minifying the minified text changes nothing (a run of
+    the shipped file counts the bytes it ships)."""
+    src = b"""
+import triton
+LIMIT_BYTES = 10
+SHOWN_NAME = 1
+BLOCK = 4
+class Record(NamedTuple):
+    total_size: int
+class BadInput(ValueError):
+    pass
+def helper_function(value, scale=LIMIT_BYTES):
+    intermediate = value * scale + SHOWN_NAME
+    return intermediate
+@triton.jit
+def kernel(x, n: tl.constexpr):
+    return x + BLOCK
+def main():
+    counted = helper_function(3, scale=2)
+    print(f"SHOWN_NAME={SHOWN_NAME}", counted, Record(5).total_size)
+"""
+    out = T.minify_source(src).decode()
+    for gone in ("LIMIT_BYTES", "helper_function", "intermediate", "counted", "def main"):
+        assert gone not in out, gone
+    for kept in ("SHOWN_NAME=", "class Record", "total_size", "class BadInput", "BLOCK=4", "n:tl.constexpr",
+                 "scale="):
+        assert kept in out, kept
+    assert T.minify_source(out.encode()).decode() == out
+    real = T.minify_source(T.code_source())
+    assert T.minify_source(real) == real and b"def minify_source" not in real
+
+
 class _FakeLoader:
     def __init__(self, seed=0):
         self.g = torch.Generator().manual_seed(seed)
