@@ -2070,10 +2070,22 @@ def group_clip_sigmas(name: str, hp: Hyperparameters) -> float:
     return hp.matrix_clip_sigmas
 
 
+# GPTQ row steps lie on a grid 2^(1/32) apart: rounding moves a row's clip by at most 1.1 %, which GPTQ absorbs,
+# and the artifact stores the grid index, ~4 bits a row after lzma instead of ~10 for fp16 (bench/RESULTS.md §4).
+SCALE_GRID_STEPS = 32
+SCALE_GRID_RANGE = (-24 * SCALE_GRID_STEPS, 15 * SCALE_GRID_STEPS)  # fp16's smallest subnormal .. largest octave
+
+
+def grid_scales(e: torch.Tensor) -> torch.Tensor:
+    """fp16 steps of grid indices, computed on the CPU in float64 so that packer and loader agree to the bit."""
+    return torch.from_numpy(np.exp2(e.cpu().double().numpy() / SCALE_GRID_STEPS)).half()
+
+
 def sdclip_scales(W: torch.Tensor, sigmas: float, bits: int) -> torch.Tensor:
-    """Per-row step s = k * std(row) / (2^(bits-1)-1), rounded to the fp16 value that is stored (§5.4)."""
-    R = 2 ** (bits - 1) - 1
-    return (sigmas * W.float().std(dim=1) / R).clamp_min(1e-10).half().float()
+    """Per-row step s = k * std(row) / (2^(bits-1)-1) (§5.4), rounded to the grid that is stored."""
+    s = sigmas * W.float().std(dim=1) / (2 ** (bits - 1) - 1)
+    e = torch.round(torch.log2(s.clamp_min(1e-30)) * SCALE_GRID_STEPS).clamp(*SCALE_GRID_RANGE)
+    return grid_scales(e).float().to(W.device)
 
 
 def rtn_quantize(W: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
@@ -2182,7 +2194,7 @@ def lqer_dequant(f: dict[str, torch.Tensor], group: int) -> torch.Tensor:
 
 @dataclass
 class QEntry:
-    """One tensor of the quantized model. kind: gptq (codes q + per-row fp16 scale, optional LQER factors),
+    """One tensor of the quantized model. kind: gptq (codes q + per-row fp16 step on the scale grid, optional LQER),
     int8_row (gate codes + scale), fp16 (data)."""
     kind: str
     shape: tuple
@@ -2431,7 +2443,7 @@ def budget_clip_sigmas(state, hessians, stats, start_sigmas, quantize, model_byt
 # =============================================================================================
 
 ARTIFACT_MAGIC = b"PGQA"
-ARTIFACT_VERSION = 2  # 2: a codec per stream and the weight coder
+ARTIFACT_VERSION = 3  # 2: a codec per stream and the weight coder; 3: GPTQ row steps as grid indices
 CODE_GROUPS = ("tok_emb", "attn.c_q", "attn.c_k", "attn.c_v", "attn.proj", "mlp.fc", "mlp.proj", "other")
 
 
@@ -2676,7 +2688,11 @@ def pack_artifact(entries: dict[str, QEntry], config: dict, compressor: str = "z
                 coded.append(CodedTensor(_code_group(name), 1 << e.bits, view.numpy().astype(np.int64)))
             else:
                 rec["parts"]["q"] = put(f"codes.{_code_group(name)}" if e.kind == "gptq" else "int8", e.q, True)
-            rec["parts"]["scale"] = put("fp16", e.scale)
+            grid = torch.round(torch.log2(e.scale.float()) * SCALE_GRID_STEPS)  # exact on-grid steps: their index
+            if e.kind == "gptq" and torch.equal(grid_scales(grid), e.scale):
+                rec["parts"]["scale_e"] = put("scale_e", grid.short())
+            else:
+                rec["parts"]["scale"] = put("fp16", e.scale)
             for k, v in (e.lqer or {}).items():
                 rec["parts"][k] = put("fp16" if v.dtype == torch.float16 else "int8", v)
             if e.awq is not None:
@@ -2686,7 +2702,7 @@ def pack_artifact(entries: dict[str, QEntry], config: dict, compressor: str = "z
     body, stream_meta = [], []
     for sname in sorted(streams):
         raw = b"".join(streams[sname])
-        if sname == "fp16":
+        if sname in ("fp16", "scale_e"):
             raw = _byte_shuffle(raw, 2)
         codecs = ("zstd", "lzma") if compressor == "rans" else (compressor,)
         comp, codec = min(((COMPRESSORS[c][0](raw), c) for c in codecs), key=lambda t: len(t[0]))
@@ -2711,8 +2727,8 @@ def unpack_artifact(blob: bytes) -> tuple[dict[str, QEntry], dict]:
     if len(blob) < 14 or blob[:4] != ARTIFACT_MAGIC:
         raise ArtifactError("not a Parameter Golf artifact (bad magic or too short)")
     version, hlen, hcrc = struct.unpack("<HII", blob[4:14])
-    if version not in (1, ARTIFACT_VERSION):
-        raise ArtifactError(f"artifact version {version}; this script reads versions 1 and {ARTIFACT_VERSION}")
+    if not 1 <= version <= ARTIFACT_VERSION:
+        raise ArtifactError(f"artifact version {version}; this script reads versions 1 to {ARTIFACT_VERSION}")
     hz = blob[14: 14 + hlen]
     if len(hz) != hlen or zlib.crc32(hz) != hcrc:
         raise ArtifactError("artifact header truncated or corrupted (CRC mismatch)")
@@ -2728,7 +2744,7 @@ def unpack_artifact(blob: bytes) -> tuple[dict[str, QEntry], dict]:
         raw = comp if codec == "rans" else COMPRESSORS[codec][1](comp)
         if len(raw) != sm["raw_len"]:
             raise ArtifactError(f"artifact stream {sm['name']!r} decompressed to the wrong length")
-        raw_streams[sm["name"]] = _byte_unshuffle(raw, 2) if sm["name"] == "fp16" else raw
+        raw_streams[sm["name"]] = _byte_unshuffle(raw, 2) if sm["name"] in ("fp16", "scale_e") else raw
         pos += sm["len"]
     if pos != len(blob):
         raise ArtifactError(f"artifact has {len(blob) - pos} trailing bytes")
@@ -2752,7 +2768,8 @@ def unpack_artifact(blob: bytes) -> tuple[dict[str, QEntry], dict]:
         lq = {k: p[k] for k in ("lqA", "lqAs", "lqB", "lqBs") if k in p} or None
         awq = {"q": p["awq_q"], "s": p["awq_s"], "starts": rec["awq_starts"]} if "awq_q" in p else None
         entries[rec["name"]] = QEntry(rec["kind"], tuple(rec["shape"]), rec["dtype"], q=p.get("q"),
-                                      scale=p.get("scale"), data=p.get("data"), bits=rec["bits"],
+                                      scale=grid_scales(p["scale_e"]) if "scale_e" in p else p.get("scale"),
+                                      data=p.get("data"), bits=rec["bits"],
                                       sigma=rec["sigma"], lqer=lq, awq=awq)
     return entries, header["config"]
 

@@ -122,6 +122,30 @@ def test_container_round_trip_bit_exact(compressor):
     assert all(torch.equal(model.state_dict()[k], deq[k]) for k in deq) and model.looping
 
 
+def test_row_steps_lie_on_the_stored_grid():
+    """sdclip_scales rounds k*std/R to the nearest point of a 2^(1/32) grid (at most half a grid step away, as
+    fp16), and the container stores grid indices: far fewer bytes than fp16 steps, read back to the bit."""
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(4096, 64, generator=g) * torch.exp(torch.randn(4096, 1, generator=g) * 0.4) * 0.02
+    s = T.sdclip_scales(W, 12.85, 6)
+    exact = 12.85 * W.std(dim=1) / 31
+    assert (s / exact).log2().abs().max() <= 0.5 / T.SCALE_GRID_STEPS + 1e-3
+    e = torch.round(torch.log2(s) * T.SCALE_GRID_STEPS)
+    assert torch.equal(T.grid_scales(e).float(), s)
+    q = T.rtn_quantize(W, s, 6)
+    on_grid = T.QEntry("gptq", tuple(W.shape), "float32", q=q, scale=s.half(), bits=6)
+    off_grid = T.QEntry("gptq", tuple(W.shape), "float32", q=q, scale=exact.half(), bits=6)  # e.g. older code
+    sizes = {}
+    for label, entry in (("grid", on_grid), ("fp16", off_grid)):
+        blob = T.pack_artifact({"blocks.0.mlp.fc.weight": entry}, {}, "rans")
+        back = T.unpack_artifact(blob)[0]["blocks.0.mlp.fc.weight"]
+        assert back.scale.dtype == torch.float16 and torch.equal(back.scale, entry.scale), label
+        assert torch.equal(back.q, q)
+        sizes[label] = len(blob)
+    # 4,096 steps: ~10 bits each as fp16 after lzma, ~4-5 as grid indices
+    assert sizes["fp16"] - sizes["grid"] > 4096 * 4 / 8, sizes
+
+
 @pytest.mark.parametrize("compressor", ["zstd", "rans"])
 def test_corruption_and_truncation_are_detected(compressor):
     hp, m, hess = _quantized_tiny()
