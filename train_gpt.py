@@ -2750,9 +2750,16 @@ def unpack_artifact(blob: bytes) -> tuple[dict[str, QEntry], dict]:
         raise ArtifactError(f"artifact has {len(blob) - pos} trailing bytes")
     recs = [(rec, StreamSlice(*rec["parts"]["q"])) for rec in header["tensors"] if "q" in rec["parts"]]
     recs = sorted(((r, q) for r, q in recs if q.stream == "rans"), key=lambda rq: rq[1].offset)
-    decoded = rans_decode(raw_streams.get("rans", b""), [
-        CodedTensor(_code_group(r["name"]), 1 << r["bits"], np.broadcast_to(np.int64(0), q.shape[::-1] if q.transposed
-                    else q.shape)) for r, q in recs], CoderSpec(**header["coder"])) if recs else []
+    try:  # intact bytes (CRCs pass) that another coder version wrote decode to nonsense: say so, not IndexError
+        decoded = rans_decode(raw_streams.get("rans", b""), [
+            CodedTensor(_code_group(r["name"]), 1 << r["bits"], np.broadcast_to(
+                np.int64(0), q.shape[::-1] if q.transposed else q.shape)) for r, q in recs],
+            CoderSpec(**header["coder"])) if recs else []
+    except ArtifactError:
+        raise
+    except (IndexError, ValueError, TypeError) as e:
+        raise ArtifactError(f"weight-coder stream does not decode ({type(e).__name__}: {e}); written by another "
+                            "version of the coder?") from e
 
     def get(part: StreamSlice) -> torch.Tensor:
         if part.stream == "rans":

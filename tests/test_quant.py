@@ -161,6 +161,23 @@ def test_corruption_and_truncation_are_detected(compressor):
             T.unpack_artifact(bytes(flipped))
 
 
+def test_weight_coder_stream_of_another_coder_version_is_an_artifact_error():
+    """Bytes intact (every CRC passes) but decoded under another context model, as when the coder changed
+    between writing and reading: a clear ArtifactError, never an IndexError from inside the decoder."""
+    import json, struct, zlib
+    hp, m, hess = _quantized_tiny()
+    entries, _ = T.quantize_state(m.state_dict(), hess, hp, log=lambda *_: None)
+    blob = T.pack_artifact(entries, T.model_config_for_artifact(hp, 1, False), "rans")
+    version, hlen, _ = struct.unpack("<HII", blob[4:14])
+    header = json.loads(zlib.decompress(blob[14: 14 + hlen]))
+    for change in ({"class_range": 1}, {"prev_clip": 0}, {"refresh": 3}, {"halve_at": 64}):
+        h = dict(header, coder={**header["coder"], **change})
+        hz = zlib.compress(json.dumps(h, sort_keys=True, separators=(",", ":")).encode(), 9)
+        other = blob[:4] + struct.pack("<HII", version, len(hz), zlib.crc32(hz)) + hz + blob[14 + hlen:]
+        with pytest.raises(T.ArtifactError):
+            T.unpack_artifact(other)
+
+
 def test_budget_mode_lands_just_under_target():
     hp, m, hess = _quantized_tiny("budget", MATRIX_BITS="6")
     cfg = T.model_config_for_artifact(hp, 1, False)
