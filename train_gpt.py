@@ -2356,7 +2356,7 @@ def quantize_gptq(state: dict[str, torch.Tensor], hessians: dict[str, torch.Tens
         H = hessians[name]  # GPTQ runs where the Hessians live (the GPU in a real run)
         starts = awq.get(name)
         hi = [c for st in starts for c in range(st, st + hp.awq_lite_group_size)] if starts else None
-        s_hi = sdclip_scales(W, sigmas[name], hp.awq_lite_bits).half().float() if starts else None
+        s_hi = sdclip_scales(W, sigmas[name], hp.awq_lite_bits) if starts else None
         q = gptq_quantize(W.to(H.device), H, scale.to(H.device), bits, hi,
                           None if s_hi is None else s_hi.to(H.device), hp.awq_lite_bits).cpu()
         e = QEntry("gptq", tuple(W.shape), "float32", q=q, scale=scale.half(), bits=bits, sigma=sigmas[name])
@@ -2688,8 +2688,9 @@ def pack_artifact(entries: dict[str, QEntry], config: dict, compressor: str = "z
                 coded.append(CodedTensor(_code_group(name), 1 << e.bits, view.numpy().astype(np.int64)))
             else:
                 rec["parts"]["q"] = put(f"codes.{_code_group(name)}" if e.kind == "gptq" else "int8", e.q, True)
-            grid = torch.round(torch.log2(e.scale.float()) * SCALE_GRID_STEPS)  # exact on-grid steps: their index
-            if e.kind == "gptq" and torch.equal(grid_scales(grid), e.scale):
+            grid = torch.round(torch.log2(e.scale.float()) * SCALE_GRID_STEPS) if e.kind == "gptq" else None
+            lo, hi = SCALE_GRID_RANGE  # steps exactly on the grid are stored as their index, any other as fp16
+            if grid is not None and bool(((grid >= lo) & (grid <= hi)).all()) and torch.equal(grid_scales(grid), e.scale):
                 rec["parts"]["scale_e"] = put("scale_e", grid.short())
             else:
                 rec["parts"]["scale"] = put("fp16", e.scale)

@@ -135,12 +135,19 @@ def test_row_steps_lie_on_the_stored_grid():
     q = T.rtn_quantize(W, s, 6)
     on_grid = T.QEntry("gptq", tuple(W.shape), "float32", q=q, scale=s.half(), bits=6)
     off_grid = T.QEntry("gptq", tuple(W.shape), "float32", q=q, scale=exact.half(), bits=6)  # e.g. older code
+    zero_row = s.half().clone()
+    zero_row[0] = 0  # on the grid everywhere else, but log2(0) has no index: the whole tensor stays fp16
+    with_zero = T.QEntry("gptq", tuple(W.shape), "float32", q=q, scale=zero_row, bits=6)
+    import json, struct, zlib
     sizes = {}
-    for label, entry in (("grid", on_grid), ("fp16", off_grid)):
+    for label, entry in (("grid", on_grid), ("fp16", off_grid), ("zero", with_zero)):
         blob = T.pack_artifact({"blocks.0.mlp.fc.weight": entry}, {}, "rans")
         back = T.unpack_artifact(blob)[0]["blocks.0.mlp.fc.weight"]
         assert back.scale.dtype == torch.float16 and torch.equal(back.scale, entry.scale), label
         assert torch.equal(back.q, q)
+        hlen = struct.unpack("<HII", blob[4:14])[1]
+        parts = json.loads(zlib.decompress(blob[14: 14 + hlen]))["tensors"][0]["parts"]
+        assert ("scale_e" in parts) == (label == "grid") and ("scale" in parts) == (label != "grid"), label
         sizes[label] = len(blob)
     # 4,096 steps: ~10 bits each as fp16 after lzma, ~4-5 as grid indices
     assert sizes["fp16"] - sizes["grid"] > 4096 * 4 / 8, sizes
