@@ -2070,22 +2070,23 @@ def group_clip_sigmas(name: str, hp: Hyperparameters) -> float:
     return hp.matrix_clip_sigmas
 
 
-# GPTQ row steps lie on a grid 2^(1/32) apart: rounding moves a row's clip by at most 1.1 %, which GPTQ absorbs,
-# and the artifact stores the grid index, ~4 bits a row after lzma instead of ~10 for fp16 (bench/RESULTS.md §4).
-SCALE_GRID_STEPS = 32
+# GPTQ row steps lie on a grid 2^(1/8) apart, and the artifact stores the grid index (~2.7 bits a row after lzma;
+# fp16 steps take ~10). Rounding jitters a row's clip by up to +-4.4 %: the mean squared step, and so the error,
+# grows by 0.13 % (E[2^2u], u uniform in +-1/16), where 1/32 takes 1.9 bits a row more (bench/RESULTS.md §4.2).
+SCALE_GRID_STEPS = 8
 SCALE_GRID_RANGE = (-24 * SCALE_GRID_STEPS, 15 * SCALE_GRID_STEPS)  # fp16's smallest subnormal .. largest octave
 
 
-def grid_scales(e: torch.Tensor) -> torch.Tensor:
+def grid_scales(e: torch.Tensor, steps: int) -> torch.Tensor:
     """fp16 steps of grid indices, computed on the CPU in float64 so that packer and loader agree to the bit."""
-    return torch.from_numpy(np.exp2(e.cpu().double().numpy() / SCALE_GRID_STEPS)).half()
+    return torch.from_numpy(np.exp2(e.cpu().double().numpy() / steps)).half()
 
 
 def sdclip_scales(W: torch.Tensor, sigmas: float, bits: int) -> torch.Tensor:
     """Per-row step s = k * std(row) / (2^(bits-1)-1) (§5.4), rounded to the grid that is stored."""
     s = sigmas * W.float().std(dim=1) / (2 ** (bits - 1) - 1)
     e = torch.round(torch.log2(s.clamp_min(1e-30)) * SCALE_GRID_STEPS).clamp(*SCALE_GRID_RANGE)
-    return grid_scales(e).float().to(W.device)
+    return grid_scales(e, SCALE_GRID_STEPS).float().to(W.device)
 
 
 def rtn_quantize(W: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
@@ -2310,11 +2311,41 @@ def quantize_state(state: dict[str, torch.Tensor], hessians: dict[str, torch.Ten
     return entries, table
 
 
+# Passthrough tensors (branch scales, skip weights and gates, gains, lambdas) keep PASSTHROUGH_MANTISSA_BITS of
+# fp16's 10 mantissa bits: ~3 bits a value fewer after lzma. Not the scales of the residual stream itself: rounding
+# the mixes to 5 bits moved val_bpb by +0.032, the lane lambdas by +0.0007, any other group by < 0.0006
+# (bench/RESULTS.md §4.2).
+PASSTHROUGH_MANTISSA_BITS = 7
+FULL_FP16_PASSTHROUGH = ("resid_mix", "parallel_resid_lambdas")
+
+
+def fp16_bits(h: torch.Tensor) -> torch.Tensor:
+    """The fp16 bit patterns of `h` as int32 in [0, 2^16)."""
+    return h.detach().cpu().half().contiguous().view(torch.int16).int() & 0xFFFF
+
+
+def int16_of(b: torch.Tensor) -> torch.Tensor:
+    """int32 values in [0, 2^16) as the int16 tensor of the same bits."""
+    return torch.where(b >= 1 << 15, b - (1 << 16), b).short()
+
+
+def from_fp16_bits(b: torch.Tensor) -> torch.Tensor:
+    return int16_of(b).view(torch.float16)
+
+
+def round_mantissa(h: torch.Tensor, bits: int = PASSTHROUGH_MANTISSA_BITS) -> torch.Tensor:
+    """fp16 values rounded to the nearest with `bits` mantissa bits (the others zero; never rounded up to inf)."""
+    drop, b = 10 - bits, fp16_bits(h)
+    mag = ((b & 0x7FFF) + (1 << drop >> 1)) >> drop << drop
+    return from_fp16_bits((b & 0x8000) | mag.clamp_max(0x7BFF >> drop << drop))
+
+
 def direct_entry(name: str, t: torch.Tensor, hp: Hyperparameters) -> QEntry | None:
     """The entry of a tensor stored without GPTQ (fp16 passthrough, int8 gate rows); None for GPTQ tensors."""
     kind = quant_kind(name, t, hp)
     if kind == "fp16":
-        return QEntry("fp16", tuple(t.shape), "float32", data=t.half())
+        full = any(p in name for p in FULL_FP16_PASSTHROUGH)
+        return QEntry("fp16", tuple(t.shape), "float32", data=t.half() if full else round_mantissa(t))
     if kind == "int8_row":
         s = (t.abs().amax(dim=1) / 127).clamp_min(1e-10).half().float()
         return QEntry("int8_row", tuple(t.shape), "float32", q=rtn_quantize(t, s, 8), scale=s.half(), bits=8)
@@ -2443,7 +2474,9 @@ def budget_clip_sigmas(state, hessians, stats, start_sigmas, quantize, model_byt
 # =============================================================================================
 
 ARTIFACT_MAGIC = b"PGQA"
-ARTIFACT_VERSION = 3  # 2: a codec per stream and the weight coder; 3: GPTQ row steps as grid indices
+ARTIFACT_VERSION = 4  # 2: a codec per stream and the weight coder; 3: GPTQ row steps as grid indices;
+#                       4: passthrough tensors without their zero mantissa bits, the grid's resolution in the header
+SHUFFLED_STREAMS = ("fp16", "scale_e", "passthrough")  # 2-byte values, stored high bytes apart from low bytes
 CODE_GROUPS = ("tok_emb", "attn.c_q", "attn.c_k", "attn.c_v", "attn.proj", "mlp.fc", "mlp.proj", "other")
 
 
@@ -2679,7 +2712,10 @@ def pack_artifact(entries: dict[str, QEntry], config: dict, compressor: str = "z
         e = entries[name]
         rec = {"name": name, "kind": e.kind, "shape": list(e.shape), "dtype": e.dtype, "bits": e.bits,
                "sigma": e.sigma, "parts": {}}
-        if e.kind == "fp16":
+        drop, bits = 10 - PASSTHROUGH_MANTISSA_BITS, fp16_bits(e.data) if e.kind == "fp16" else None
+        if bits is not None and not (bits & ((1 << drop) - 1)).any():  # as round_mantissa left it: drop zero bits
+            rec["parts"]["data_r"], rec["mantissa"] = put("passthrough", int16_of(bits >> drop)), 10 - drop
+        elif e.kind == "fp16":
             rec["parts"]["data"] = put("fp16", e.data)
         else:
             if e.kind == "gptq" and compressor == "rans":
@@ -2690,7 +2726,8 @@ def pack_artifact(entries: dict[str, QEntry], config: dict, compressor: str = "z
                 rec["parts"]["q"] = put(f"codes.{_code_group(name)}" if e.kind == "gptq" else "int8", e.q, True)
             grid = torch.round(torch.log2(e.scale.float()) * SCALE_GRID_STEPS) if e.kind == "gptq" else None
             lo, hi = SCALE_GRID_RANGE  # steps exactly on the grid are stored as their index, any other as fp16
-            if grid is not None and bool(((grid >= lo) & (grid <= hi)).all()) and torch.equal(grid_scales(grid), e.scale):
+            if grid is not None and bool(((grid >= lo) & (grid <= hi)).all()) and \
+                    torch.equal(grid_scales(grid, SCALE_GRID_STEPS), e.scale):
                 rec["parts"]["scale_e"] = put("scale_e", grid.short())
             else:
                 rec["parts"]["scale"] = put("fp16", e.scale)
@@ -2703,7 +2740,7 @@ def pack_artifact(entries: dict[str, QEntry], config: dict, compressor: str = "z
     body, stream_meta = [], []
     for sname in sorted(streams):
         raw = b"".join(streams[sname])
-        if sname in ("fp16", "scale_e"):
+        if sname in SHUFFLED_STREAMS:
             raw = _byte_shuffle(raw, 2)
         codecs = ("zstd", "lzma") if compressor == "rans" else (compressor,)
         comp, codec = min(((COMPRESSORS[c][0](raw), c) for c in codecs), key=lambda t: len(t[0]))
@@ -2717,7 +2754,8 @@ def pack_artifact(entries: dict[str, QEntry], config: dict, compressor: str = "z
                             "crc32": zlib.crc32(comp)})
         body.append(comp)
     header = json.dumps({"version": ARTIFACT_VERSION, "compressor": compressor, "config": config,
-                         "coder": spec._asdict(), "streams": stream_meta, "tensors": tensors},
+                         "coder": spec._asdict(), "scale_grid": SCALE_GRID_STEPS, "streams": stream_meta,
+                         "tensors": tensors},
                         sort_keys=True, separators=(",", ":"))
     hz = zlib.compress(header.encode(), 9)
     return ARTIFACT_MAGIC + struct.pack("<HII", ARTIFACT_VERSION, len(hz), zlib.crc32(hz)) + hz + b"".join(body)
@@ -2745,7 +2783,7 @@ def unpack_artifact(blob: bytes) -> tuple[dict[str, QEntry], dict]:
         raw = comp if codec == "rans" else COMPRESSORS[codec][1](comp)
         if len(raw) != sm["raw_len"]:
             raise ArtifactError(f"artifact stream {sm['name']!r} decompressed to the wrong length")
-        raw_streams[sm["name"]] = _byte_unshuffle(raw, 2) if sm["name"] in ("fp16", "scale_e") else raw
+        raw_streams[sm["name"]] = _byte_unshuffle(raw, 2) if sm["name"] in SHUFFLED_STREAMS else raw
         pos += sm["len"]
     if pos != len(blob):
         raise ArtifactError(f"artifact has {len(blob) - pos} trailing bytes")
@@ -2775,8 +2813,11 @@ def unpack_artifact(blob: bytes) -> tuple[dict[str, QEntry], dict]:
         p = {k: get(StreamSlice(*v)) for k, v in rec["parts"].items()}
         lq = {k: p[k] for k in ("lqA", "lqAs", "lqB", "lqBs") if k in p} or None
         awq = {"q": p["awq_q"], "s": p["awq_s"], "starts": rec["awq_starts"]} if "awq_q" in p else None
+        if "data_r" in p:
+            p["data"] = from_fp16_bits((p["data_r"].int() & 0xFFFF) << (10 - rec["mantissa"]))
+        steps = header.get("scale_grid", 32)  # version 3 had no field: its grid was 2^(1/32)
         entries[rec["name"]] = QEntry(rec["kind"], tuple(rec["shape"]), rec["dtype"], q=p.get("q"),
-                                      scale=grid_scales(p["scale_e"]) if "scale_e" in p else p.get("scale"),
+                                      scale=grid_scales(p["scale_e"], steps) if "scale_e" in p else p.get("scale"),
                                       data=p.get("data"), bits=rec["bits"],
                                       sigma=rec["sigma"], lqer=lq, awq=awq)
     return entries, header["config"]
@@ -2890,18 +2931,30 @@ def minify_source(source: bytes) -> bytes:
 # Raw LZMA2 with the literal-context settings that suit Python text best (lc=3, pb=0: measured 0.5% smaller
 # than the .xz defaults, and no container header); the decoder needs only the filter id.
 CODE_LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME, "lc": 3, "lp": 0, "pb": 0}]
-# Bytes that cannot stand for themselves inside a '...' literal of a latin-1 source file.
-_LITERAL_ESCAPES = {0: "\\x00", 10: "\\n", 13: "\\r", 39: "\\'", 92: "\\\\"}
+
+
+def latin1_literal(data: bytes) -> str:
+    """`data` as a '''...''' literal of a latin-1 source file: a byte stands for itself except NUL, CR (the
+    tokenizer would turn it into LF), backslash and a quote that a quote follows (or that ends the data)."""
+    out = []
+    for i, b in enumerate(data):
+        nxt = data[i + 1: i + 2]
+        if b == 0:
+            out.append("\\x00" if nxt and 48 <= nxt[0] <= 55 else "\\0")  # "\\0" + octal digit: one escape
+        elif b in (13, 92) or b == 39 and nxt in (b"'", b""):
+            out.append({13: "\\r", 39: "\\'", 92: "\\\\"}[b])
+        else:
+            out.append(chr(b))
+    return "'''" + "".join(out) + "'''"
 
 
 def code_wrapper(source: bytes) -> bytes:
     """A self-extracting, stdlib-only form of the script: minified, raw LZMA2, stored as a latin-1 string literal
     (1 byte per byte plus a few escapes, where base85 would add 25%), exec'd as __main__."""
     packed = lzma.compress(minify_source(source), format=lzma.FORMAT_RAW, filters=CODE_LZMA_FILTERS)
-    literal = "".join(_LITERAL_ESCAPES.get(b, chr(b)) for b in packed)
     # linecache lets inspect (and so @triton.jit) read the source of the exec'd code
-    return ("# -*- coding: latin-1 -*-\nimport lzma,linecache\n_PG_SOURCE=lzma.decompress('" + literal +
-            "'.encode('latin-1'),lzma.FORMAT_RAW,None,[{'id':lzma.FILTER_LZMA2}])\n"
+    return ("#coding:latin1\nimport lzma,linecache\n_PG_SOURCE=lzma.decompress(" + latin1_literal(packed) +
+            ".encode('l1'),lzma.FORMAT_RAW,None,[{'id':lzma.FILTER_LZMA2}])\n"
             "_n='train_gpt_src.py';linecache.cache[_n]=(len(_PG_SOURCE),None,_PG_SOURCE.decode().splitlines(True),_n)\n"
             "exec(compile(_PG_SOURCE,_n,'exec'))\n").encode("latin-1")
 

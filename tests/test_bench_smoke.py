@@ -57,6 +57,26 @@ def test_compress_bench_smoke(tmp_path, sample):
     assert rows["zstd-22 (transposed codes)"] > 0 and rec[0]["role_bits"]["mlp.fc"] > 0
 
 
+def test_remainder_bench_grid_smoke(tmp_path, sample):
+    """A coarser grid takes fewer index bytes; the clip rows move the error both ways (the exchange rate)."""
+    out, rec = run_bench("remainder_bench", tmp_path, sample, "--grids", "32,8")
+    rows = {(r["steps_per_octave"], r["clip"]): r for r in rec["rows"]}
+    assert "| steps/octave" in out and len(rows) == 6
+    assert rows[8, "as set"]["scale_e_bytes"] < rows[32, "as set"]["scale_e_bytes"]
+    assert rows[32, "sigmas +half step"]["rel_error"] > rows[32, "as set"]["rel_error"] > \
+        rows[32, "sigmas -half step"]["rel_error"]
+    assert abs(rows[8, "as set"]["rel_error"] / rows[32, "as set"]["rel_error"] - 1) < 0.01  # same quantizer
+
+
+def test_remainder_bench_mantissa_smoke(tmp_path, sample):
+    """Each passthrough group and all of them rounded; fewer bits move the score at least as far for 'all'."""
+    out, rec = run_bench("remainder_bench", tmp_path, sample, "--mantissa", "7,2")
+    rows = {(r["mantissa_bits"], r["group"]): r for r in rec["rows"]}
+    assert "| mantissa bits" in out and (7, "all") in rows and (2, "blocks.N.resid_mix") in rows
+    assert rows[7, "all"]["values"] == sum(r["values"] for (m, g), r in rows.items() if m == 7 and g != "all")
+    assert abs(rows[2, "all"]["val_bpb"] - rows[2, "all"]["ref_val_bpb"]) > 0  # 2 bits: the model did change
+
+
 def test_frontier_bench_smoke(tmp_path, sample):
     out, rec = run_bench("frontier_bench", tmp_path, sample, "--part", "quant")
     assert "| quantization arm" in out

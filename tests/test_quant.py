@@ -123,7 +123,7 @@ def test_container_round_trip_bit_exact(compressor):
 
 
 def test_row_steps_lie_on_the_stored_grid():
-    """sdclip_scales rounds k*std/R to the nearest point of a 2^(1/32) grid (at most half a grid step away, as
+    """sdclip_scales rounds k*std/R to the nearest point of a 2^(1/SCALE_GRID_STEPS) grid (half a step away at most, as
     fp16), and the container stores grid indices: far fewer bytes than fp16 steps, read back to the bit."""
     g = torch.Generator().manual_seed(0)
     W = torch.randn(4096, 64, generator=g) * torch.exp(torch.randn(4096, 1, generator=g) * 0.4) * 0.02
@@ -131,7 +131,7 @@ def test_row_steps_lie_on_the_stored_grid():
     exact = 12.85 * W.std(dim=1) / 31
     assert (s / exact).log2().abs().max() <= 0.5 / T.SCALE_GRID_STEPS + 1e-3
     e = torch.round(torch.log2(s) * T.SCALE_GRID_STEPS)
-    assert torch.equal(T.grid_scales(e).float(), s)
+    assert torch.equal(T.grid_scales(e, T.SCALE_GRID_STEPS).float(), s)
     q = T.rtn_quantize(W, s, 6)
     on_grid = T.QEntry("gptq", tuple(W.shape), "float32", q=q, scale=s.half(), bits=6)
     off_grid = T.QEntry("gptq", tuple(W.shape), "float32", q=q, scale=exact.half(), bits=6)  # e.g. older code
@@ -151,6 +151,54 @@ def test_row_steps_lie_on_the_stored_grid():
         sizes[label] = len(blob)
     # 4,096 steps: ~10 bits each as fp16 after lzma, ~4-5 as grid indices
     assert sizes["fp16"] - sizes["grid"] > 4096 * 4 / 8, sizes
+
+
+def test_grid_resolution_travels_in_the_header(monkeypatch):
+    """An artifact written with another grid resolution reads back to the bit: the loader takes the resolution
+    from the header, not from its own constant."""
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(512, 64, generator=g) * torch.exp(torch.randn(512, 1, generator=g) * 0.4) * 0.02
+    other = T.SCALE_GRID_STEPS * 2
+    monkeypatch.setattr(T, "SCALE_GRID_STEPS", other)
+    monkeypatch.setattr(T, "SCALE_GRID_RANGE", (-24 * other, 15 * other))
+    s = T.sdclip_scales(W, 12.85, 6)
+    entry = T.QEntry("gptq", tuple(W.shape), "float32", q=T.rtn_quantize(W, s, 6), scale=s.half(), bits=6)
+    blob = T.pack_artifact({"blocks.0.mlp.fc.weight": entry}, {}, "rans")
+    monkeypatch.undo()
+    back = T.unpack_artifact(blob)[0]["blocks.0.mlp.fc.weight"]
+    assert torch.equal(back.scale, entry.scale)
+    odd = torch.round(torch.log2(s) * other) % 2 == 1  # points of the finer grid that the coarser one lacks
+    assert odd.any()
+
+
+def test_passthrough_tensors_keep_fewer_mantissa_bits():
+    """Passthrough tensors (but the residual mixes) are rounded to PASSTHROUGH_MANTISSA_BITS (nearest, never to
+    inf) and stored without the zero bits: fewer bytes than fp16, read back to the bit; fp16 data that was not
+    rounded is stored whole."""
+    import json, struct, zlib
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(2, 4096, generator=g) * torch.exp(torch.randn(2, 1, generator=g))
+    hp = T.Hyperparameters.from_env({"PRESET": "cpu_smoke"})
+    entry = T.direct_entry("skip_weights", t, hp)
+    assert entry.kind == "fp16"
+    assert torch.equal(T.direct_entry("blocks.0.resid_mix", t, hp).data, t.half())  # too sensitive: kept whole
+    normal = t.abs() > 2 ** -14  # fp16 normals: at most half a unit of the kept last bit (+ fp16's own rounding)
+    err = (entry.data.float() - t).abs() / t.abs()
+    assert err[normal].max() <= 2.0 ** -(T.PASSTHROUGH_MANTISSA_BITS + 1) + 2.0 ** -11
+    assert err[normal].max() > 2.0 ** -(T.PASSTHROUGH_MANTISSA_BITS + 2), "rounded, not left at 10 bits"
+    assert torch.equal(T.round_mantissa(torch.tensor([65504.0, -65504.0])).abs(), torch.tensor([65280.0] * 2).half())
+    whole = T.QEntry("fp16", tuple(t.shape), "float32", data=t.half())
+    sizes = {}
+    for label, e in (("rounded", entry), ("whole", whole)):
+        blob = T.pack_artifact({"skip_weights": e}, {}, "rans")
+        back = T.unpack_artifact(blob)[0]["skip_weights"]
+        assert back.data.dtype == torch.float16 and torch.equal(back.data.view(torch.int16), e.data.view(torch.int16))
+        hlen = struct.unpack("<HII", blob[4:14])[1]
+        parts = json.loads(zlib.decompress(blob[14: 14 + hlen]))["tensors"][0]["parts"]
+        assert ("data_r" in parts) == (label == "rounded") and ("data" in parts) == (label == "whole"), label
+        sizes[label] = len(blob)
+    # 8,192 values: the 3 dropped bits are incompressible noise, so at least ~2.5 bits a value are saved
+    assert sizes["whole"] - sizes["rounded"] > 8192 * 2.5 / 8, sizes
 
 
 @pytest.mark.parametrize("compressor", ["zstd", "rans"])
@@ -216,6 +264,22 @@ def test_code_wrapper_is_self_extracting(tmp_path):
     import subprocess, sys
     out = subprocess.run([sys.executable, str(p)], capture_output=True, text=True).stdout
     assert out.strip() == "hello __main__"
+
+
+def test_latin1_literal_reads_back_every_byte_sequence(tmp_path):
+    """The wrapper's literal survives Python's tokenizer for every byte and for the sequences that need care:
+    quotes that would close it, NUL before an octal digit, CR (turned into LF if left raw), backslashes."""
+    import random, subprocess, sys
+    rng = random.Random(0)
+    cases = [bytes(range(256)), b"'", b"''", b"'''", b"x''''y'", b"\x00\x31\x00\x38\x00", b"\r\n\r",
+             b"\\", b"\\'", b"\\\n", bytes(rng.randrange(256) for _ in range(4000))]
+    for i, data in enumerate(cases):
+        p = tmp_path / f"lit{i}.py"
+        p.write_bytes(("#coding:latin1\nimport sys\nsys.stdout.buffer.write(" + T.latin1_literal(data) +
+                       ".encode('l1'))\n").encode("latin-1"))
+        assert subprocess.run([sys.executable, str(p)], capture_output=True).stdout == data, data[:16]
+    quoted = T.latin1_literal(bytes(range(1, 256)) * 4)
+    assert len(quoted) < 4 * 255 + 6 + 4 * 3, "only CR, backslash and doubled quotes may be escaped"
 
 
 def test_shipped_train_gpt_wrapper_runs(tmp_path):
