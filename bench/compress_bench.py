@@ -164,7 +164,7 @@ def bench_artifact(path: str, skip_lrzip: bool) -> dict:
         spec = T.CoderSpec(**over)
         blob, te = timed(T.rans_encode, tensors, spec)
         decoded, td = timed(T.rans_decode, blob, shapes, spec)
-        assert all(np.array_equal(a, t.codes) for a, t in zip(decoded, tensors)), label
+        assert all(np.array_equal(a.codes, t.codes) for a, t in zip(decoded, tensors)), label
         add(f"weight coder: {label}", len(blob), te, td)
     shuffled = coded_tensors(entries, shuffle_mlp=True)
     blob, te = timed(T.rans_encode, shuffled, T.CoderSpec())
@@ -200,8 +200,8 @@ SOTA_SHAPES = (("attn.c_q", 512, 512), ("attn.c_k", 256, 512), ("attn.c_v", 256,
 
 
 def sota_timing(layers: int = 11, seed: int = 0) -> dict:
-    """Encode/decode seconds for the sota preset's 35,913,728 codes (11 layers + the 8192 x 512 int7 embedding),
-    synthetic codes of realistic spread, on one CPU core."""
+    """Encode/decode seconds for the sota preset's 35,913,728 codes (11 layers + the 8192 x 512 int7 embedding) and
+    their row steps, synthetic codes of realistic spread, on one CPU core."""
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     torch.set_num_threads(1)
@@ -211,13 +211,17 @@ def sota_timing(layers: int = 11, seed: int = 0) -> dict:
         qmax = 2 ** (bits - 1) - 1
         w = width * np.exp(rng.normal(0, 0.3, c))
         return np.clip(np.round(rng.standard_normal((r, c)) * w), -qmax, qmax).astype(np.int64)
-    tensors = [T.CodedTensor(role, 64, codes(r, c, 6, 2.6)) for _ in range(layers) for role, r, c in SOTA_SHAPES]
-    tensors.append(T.CodedTensor("tok_emb", 128, codes(8192, 512, 7, 5.0)))
+    def steps(n):  # row-step indices around their median, spread as on the CPU model (~2.7 bits a row)
+        return np.clip(np.round(rng.normal(0, 1.6, n)), 1 - T.STEP_HALF_RANGE, T.STEP_HALF_RANGE - 1).astype(np.int64)
+    tensors = [T.CodedTensor(role, 64, codes(r, c, 6, 2.6), steps(r))
+               for _ in range(layers) for role, r, c in SOTA_SHAPES]
+    tensors.append(T.CodedTensor("tok_emb", 128, codes(8192, 512, 7, 5.0), steps(8192)))
     spec = T.CoderSpec()
     blob, te = timed(T.rans_encode, tensors, spec)
-    shapes = [t._replace(codes=np.broadcast_to(np.int64(0), t.codes.shape)) for t in tensors]
+    shapes = [t._replace(codes=np.broadcast_to(np.int64(0), t.codes.shape), steps=np.zeros(len(t.steps), np.int64))
+              for t in tensors]
     decoded, td = timed(T.rans_decode, blob, shapes, spec)
-    assert all(np.array_equal(a, t.codes) for a, t in zip(decoded, tensors))
+    assert all(np.array_equal(a.codes, t.codes) and np.array_equal(a.steps, t.steps) for a, t in zip(decoded, tensors))
     return {"codes": sum(t.codes.size for t in tensors), "bytes": len(blob), "encode_s": te, "decode_s": td,
             "cpu": os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None}
 

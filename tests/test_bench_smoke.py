@@ -62,7 +62,7 @@ def test_remainder_bench_grid_smoke(tmp_path, sample):
     out, rec = run_bench("remainder_bench", tmp_path, sample, "--grids", "32,8")
     rows = {(r["steps_per_octave"], r["clip"]): r for r in rec["rows"]}
     assert "| steps/octave" in out and len(rows) == 6
-    assert rows[8, "as set"]["scale_e_bytes"] < rows[32, "as set"]["scale_e_bytes"]
+    assert rows[8, "as set"]["index_bytes"] < rows[32, "as set"]["index_bytes"]
     assert rows[32, "sigmas +half step"]["rel_error"] > rows[32, "as set"]["rel_error"] > \
         rows[32, "sigmas -half step"]["rel_error"]
     assert abs(rows[8, "as set"]["rel_error"] / rows[32, "as set"]["rel_error"] - 1) < 0.01  # same quantizer

@@ -138,19 +138,27 @@ def test_row_steps_lie_on_the_stored_grid():
     zero_row = s.half().clone()
     zero_row[0] = 0  # on the grid everywhere else, but log2(0) has no index: the whole tensor stays fp16
     with_zero = T.QEntry("gptq", tuple(W.shape), "float32", q=q, scale=zero_row, bits=6)
+    wide_s = T.grid_scales(e + torch.round(torch.randn(4096, generator=g) * 20), T.SCALE_GRID_STEPS)
+    wide = T.QEntry("gptq", tuple(W.shape), "float32", q=q, scale=wide_s, bits=6)  # beyond STEP_HALF_RANGE
     import json, struct, zlib
-    sizes = {}
-    for label, entry in (("grid", on_grid), ("fp16", off_grid), ("zero", with_zero)):
-        blob = T.pack_artifact({"blocks.0.mlp.fc.weight": entry}, {}, "rans")
-        back = T.unpack_artifact(blob)[0]["blocks.0.mlp.fc.weight"]
-        assert back.scale.dtype == torch.float16 and torch.equal(back.scale, entry.scale), label
-        assert torch.equal(back.q, q)
-        hlen = struct.unpack("<HII", blob[4:14])[1]
-        parts = json.loads(zlib.decompress(blob[14: 14 + hlen]))["tensors"][0]["parts"]
-        assert ("scale_e" in parts) == (label == "grid") and ("scale" in parts) == (label != "grid"), label
-        sizes[label] = len(blob)
-    # 4,096 steps: ~10 bits each as fp16 after lzma, ~4-5 as grid indices
-    assert sizes["fp16"] - sizes["grid"] > 4096 * 4 / 8, sizes
+    sizes, where = {}, {}
+    for label, entry in (("grid", on_grid), ("fp16", off_grid), ("zero", with_zero), ("wide", wide)):
+        for compressor in ("zstd", "rans"):
+            blob = T.pack_artifact({"blocks.0.mlp.fc.weight": entry}, {}, compressor)
+            back = T.unpack_artifact(blob)[0]["blocks.0.mlp.fc.weight"]
+            assert back.scale.dtype == torch.float16 and torch.equal(back.scale, entry.scale), label
+            assert torch.equal(back.q, q)
+            hlen = struct.unpack("<HII", blob[4:14])[1]
+            rec = json.loads(zlib.decompress(blob[14: 14 + hlen]))["tensors"][0]
+            where[label, compressor] = "coder" if "step_median" in rec else \
+                [k for k in ("scale_e", "scale") if k in rec["parts"]][0]
+            sizes[label, compressor] = len(blob)
+    assert where == {("grid", "zstd"): "scale_e", ("grid", "rans"): "coder", ("fp16", "zstd"): "scale",
+                     ("fp16", "rans"): "scale", ("zero", "zstd"): "scale", ("zero", "rans"): "scale",
+                     ("wide", "zstd"): "scale_e", ("wide", "rans"): "scale_e"}
+    # 4,096 steps: ~10 bits each as fp16 after lzma, ~3-4 as grid indices, fewer still in the weight coder
+    assert sizes["fp16", "rans"] - sizes["grid", "zstd"] > 4096 * 4 / 8, sizes
+    assert sizes["grid", "rans"] < sizes["wide", "rans"] - 4096 * 2 / 8, sizes
 
 
 def test_grid_resolution_travels_in_the_header(monkeypatch):
