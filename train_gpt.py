@@ -2311,12 +2311,13 @@ def quantize_state(state: dict[str, torch.Tensor], hessians: dict[str, torch.Ten
     return entries, table
 
 
-# Passthrough tensors (branch scales, skip weights and gates, gains, lambdas) keep PASSTHROUGH_MANTISSA_BITS of
-# fp16's 10 mantissa bits: ~3 bits a value fewer after lzma. Not the scales of the residual stream itself: rounding
-# the mixes to 5 bits moved val_bpb by +0.032, the lane lambdas by +0.0007, any other group by < 0.0006
-# (bench/RESULTS.md §4.2).
+# Passthrough tensors (branch scales, skip weights and gates) keep PASSTHROUGH_MANTISSA_BITS of fp16's 10 mantissa
+# bits: ~3 bits a value fewer after lzma. Not the residual mixes, which scale the whole residual stream: rounding
+# them to 5 bits moved val_bpb by +0.032, any other group by < 0.0008 (bench/RESULTS.md §4.2); nor tensors too
+# small to save anything (gains, lambdas, the logit caps, the smear gate).
 PASSTHROUGH_MANTISSA_BITS = 7
-FULL_FP16_PASSTHROUGH = ("resid_mix", "parallel_resid_lambdas")
+FULL_FP16_PASSTHROUGH = ("resid_mix",)
+PASSTHROUGH_ROUND_MIN_NUMEL = 256
 
 
 def fp16_bits(h: torch.Tensor) -> torch.Tensor:
@@ -2344,7 +2345,7 @@ def direct_entry(name: str, t: torch.Tensor, hp: Hyperparameters) -> QEntry | No
     """The entry of a tensor stored without GPTQ (fp16 passthrough, int8 gate rows); None for GPTQ tensors."""
     kind = quant_kind(name, t, hp)
     if kind == "fp16":
-        full = any(p in name for p in FULL_FP16_PASSTHROUGH)
+        full = t.numel() < PASSTHROUGH_ROUND_MIN_NUMEL or any(p in name for p in FULL_FP16_PASSTHROUGH)
         return QEntry("fp16", tuple(t.shape), "float32", data=t.half() if full else round_mantissa(t))
     if kind == "int8_row":
         s = (t.abs().amax(dim=1) / 127).clamp_min(1e-10).half().float()

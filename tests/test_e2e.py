@@ -171,7 +171,9 @@ def test_over_limit_packing_is_refitted_with_budget_clipping(single_run, tmp_pat
     monkeypatch.setattr(T, "ARTIFACT_LIMIT_BYTES", limit)
     assert T.main() == 0
     log = open(tmp_path / "log.txt").read()
-    assert f"artifact_fit: {rec['artifact']['artifact_bytes']}" in log and "CLIP_MODE=budget" in log
+    over = re.search(r"artifact_fit: (\d+) bytes > (\d+): re-quantizing with CLIP_MODE=budget", log)
+    # the same packing as the run's, but for LQER's SVD, which may round differently under another thread count
+    assert over and int(over.group(2)) == limit and abs(int(over.group(1)) - rec["artifact"]["artifact_bytes"]) < 64
     cost = re.search(r"artifact_fit: the fitted artifact costs ([-+]\S+) bpb", log)
     assert cost and float(cost.group(1)) > -0.01
     fit = json.load(open(tmp_path / "run_record.json"))

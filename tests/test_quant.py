@@ -180,9 +180,9 @@ def test_grid_resolution_travels_in_the_header(monkeypatch):
 
 
 def test_passthrough_tensors_keep_fewer_mantissa_bits():
-    """Passthrough tensors (but the residual mixes) are rounded to PASSTHROUGH_MANTISSA_BITS (nearest, never to
-    inf) and stored without the zero bits: fewer bytes than fp16, read back to the bit; fp16 data that was not
-    rounded is stored whole."""
+    """Passthrough tensors (but the residual mixes and tiny tensors) are rounded to PASSTHROUGH_MANTISSA_BITS
+    (nearest, never to inf) and stored without the zero bits: fewer bytes than fp16, read back to the bit; fp16 data
+    that was not rounded is stored whole."""
     import json, struct, zlib
     g = torch.Generator().manual_seed(0)
     t = torch.randn(2, 4096, generator=g) * torch.exp(torch.randn(2, 1, generator=g))
@@ -190,6 +190,8 @@ def test_passthrough_tensors_keep_fewer_mantissa_bits():
     entry = T.direct_entry("skip_weights", t, hp)
     assert entry.kind == "fp16"
     assert torch.equal(T.direct_entry("blocks.0.resid_mix", t, hp).data, t.half())  # too sensitive: kept whole
+    small = t[0, : T.PASSTHROUGH_ROUND_MIN_NUMEL - 1]  # e.g. q gains, lambdas: nothing to save, kept whole
+    assert torch.equal(T.direct_entry("blocks.0.attn.q_gain", small, hp).data, small.half())
     normal = t.abs() > 2 ** -14  # fp16 normals: at most half a unit of the kept last bit (+ fp16's own rounding)
     err = (entry.data.float() - t).abs() / t.abs()
     assert err[normal].max() <= 2.0 ** -(T.PASSTHROUGH_MANTISSA_BITS + 1) + 2.0 ** -11
