@@ -2614,8 +2614,10 @@ def walk_codes(tensors: list[CodedTensor], spec: CoderSpec, lanes: int, code_row
     for t in tensors:
         rows, cols = t.codes.shape
         steps, chunk = [], min(STEP_CHUNK, lanes)
+        if t.steps is not None and t.role + "/steps" not in models:
+            models[t.role + "/steps"] = ContextModel(2 * STEP_HALF_RANGE, 1, 1, spec)
         for i in range(0, 0 if t.steps is None else len(t.steps), chunk):
-            step_model = models.setdefault(t.role + "/steps", ContextModel(2 * STEP_HALF_RANGE, 1, 1, spec))
+            step_model = models[t.role + "/steps"]
             zero = np.zeros(min(chunk, len(t.steps) - i), np.int64)
             sym = code_row(step_model, zero, t.steps[i: i + chunk] + STEP_HALF_RANGE if encode else None)
             step_model.update(zero, sym)
@@ -2739,8 +2741,8 @@ def pack_artifact(entries: dict[str, QEntry], config: dict, compressor: str = "z
             lo, hi = SCALE_GRID_RANGE  # steps exactly on the grid are stored as their index, any other as fp16
             on_grid = grid is not None and bool(((grid >= lo) & (grid <= hi)).all()) and \
                 torch.equal(grid_scales(grid, SCALE_GRID_STEPS), e.scale)
-            idx = grid.long().numpy() if on_grid else np.zeros(1, np.int64)
-            median = int(np.median(idx))
+            idx = grid.long().numpy() if on_grid else None
+            median = int(np.median(idx)) if on_grid else 0
             coded_steps = on_grid and compressor == "rans" and int(np.abs(idx - median).max()) < STEP_HALF_RANGE
             if e.kind == "gptq" and compressor == "rans":
                 view = coder_view(name, e.q)
@@ -2833,19 +2835,18 @@ def unpack_artifact(blob: bytes) -> tuple[dict[str, QEntry], dict]:
                             dtype=getattr(np, part.dtype)).copy()
         t = torch.from_numpy(arr)
         return t.view(part.shape[1], part.shape[0]).T.contiguous() if part.transposed else t.view(part.shape)
-    entries = {}
+    entries, grid_steps = {}, header.get("scale_grid", 32)  # version 3 had no field: its grid was 2^(1/32)
     for rec in header["tensors"]:
         p = {k: get(StreamSlice(*v)) for k, v in rec["parts"].items()}
         lq = {k: p[k] for k in ("lqA", "lqAs", "lqB", "lqBs") if k in p} or None
         awq = {"q": p["awq_q"], "s": p["awq_s"], "starts": rec["awq_starts"]} if "awq_q" in p else None
         if "data_r" in p:
             p["data"] = from_fp16_bits((p["data_r"].int() & 0xFFFF) << (10 - rec["mantissa"]))
-        steps = header.get("scale_grid", 32)  # version 3 had no field: its grid was 2^(1/32)
         if "step_median" in rec:  # row steps that the weight coder carried
             carried = decoded[StreamSlice(*rec["parts"]["q"]).offset].steps
             p["scale_e"] = torch.from_numpy(carried + rec["step_median"])
         entries[rec["name"]] = QEntry(rec["kind"], tuple(rec["shape"]), rec["dtype"], q=p.get("q"),
-                                      scale=grid_scales(p["scale_e"], steps) if "scale_e" in p else p.get("scale"),
+                                      scale=grid_scales(p["scale_e"], grid_steps) if "scale_e" in p else p.get("scale"),
                                       data=p.get("data"), bits=rec["bits"],
                                       sigma=rec["sigma"], lqer=lq, awq=awq)
     return entries, header["config"]
