@@ -84,3 +84,18 @@ def test_frontier_bench_smoke(tmp_path, sample):
     assert arms[0]["arm"].startswith("baseline") and arms[-1]["arm"].startswith("frontier") and len(arms) == 3
     target = arms[0]["target"]
     assert all(r["model_bytes"] <= target * 1.01 and r["val_bpb"] > 0 for r in arms)  # fitted to equal bytes
+
+
+def test_code_bytes_smoke(tmp_path, sample):
+    """Every section of train_gpt.py is found and costs bytes; the sizes are those the run ships; the CM estimate
+    of the first 4 KB lands near LZMA's size for it (a model that mispredicts would cost far more)."""
+    out, rec = run_bench("code_bytes", tmp_path, sample)
+    src = open(os.path.join(ROOT, "train_gpt.py"), "rb").read()
+    sys.path.insert(0, ROOT)
+    import train_gpt as T
+    assert rec["shipped"] == len(T.shipped_code(src)[0]) and rec["minified"] == len(T.minify_source(src))
+    sections = [r["section"] for r in rec["sections"]]
+    assert sections[:3] == ["Header", "Config", "Runtime"] and sections[-1] == "Main"
+    assert all(r["bytes"] > 0 for r in rec["sections"][1:]) and rec["long_strings"]["count"] > 50
+    cm = rec["cm"]
+    assert cm["input"] == 4096 and 0.5 * cm["lzma"] < cm["ideal_bytes"] < cm["lzma"] * 1.2
