@@ -22,20 +22,19 @@ import ast
 import lzma
 import math
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import T, TRAIN_GPT_PATH, table, write_json  # noqa: E402
+from bench.compress_bench import lrzip_bytes  # noqa: E402
 
 LONG_STRING = 20  # characters: shorter literals are names, keys and format pieces, not prose
 
 
-def packed_size(text: str) -> int:
-    return len(lzma.compress(text.encode(), format=lzma.FORMAT_RAW, filters=T.CODE_LZMA_FILTERS))
+def packed_size(text: str | bytes) -> int:
+    data = text.encode() if isinstance(text, str) else text
+    return len(lzma.compress(data, format=lzma.FORMAT_RAW, filters=T.CODE_LZMA_FILTERS))
 
 
 def top_level_spans(source: bytes, minified: str) -> list[dict]:
@@ -66,17 +65,15 @@ def cut_cost(lines: list[str], total: int, spans: list[dict]) -> int:
     return total - packed_size("\n".join(line for i, line in enumerate(lines) if i not in cut))
 
 
-def long_string_cost(minified: str, total: int) -> tuple[int, int]:
-    class Blank(ast.NodeTransformer):
-        count = 0
-
-        def visit_Constant(self, node):
-            if isinstance(node.value, str) and len(node.value) > LONG_STRING:
-                Blank.count += 1
-                node.value = ""
-            return node
-    plain = packed_size(ast.unparse(ast.parse(minified)))  # unparse's own spacing, compared like with like
-    return plain - packed_size(ast.unparse(Blank().visit(ast.parse(minified)))), Blank.count
+def long_string_cost(minified: str) -> tuple[int, int]:
+    """Compressed bytes the string literals over LONG_STRING characters add, and how many there are."""
+    tree = ast.parse(minified)
+    plain = packed_size(ast.unparse(tree))  # unparse's own spacing on both sides, compared like with like
+    literals = [n for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+            and len(n.value) > LONG_STRING]
+    for n in literals:
+        n.value = ""
+    return plain - packed_size(ast.unparse(tree)), len(literals)
 
 
 def cm_code_length(data: bytes) -> float:
@@ -128,17 +125,6 @@ def cm_code_length(data: bytes) -> float:
     return bits / 8
 
 
-def lrzip_size(data: bytes) -> int | None:
-    if not shutil.which("lrzip"):
-        return None
-    with tempfile.TemporaryDirectory() as d:
-        src = os.path.join(d, "code.py")
-        with open(src, "wb") as f:
-            f.write(data)
-        subprocess.run(["lrzip", "-z", "-L", "9", "-q", "-f", src], check=True, capture_output=True)
-        return os.path.getsize(src + ".lrz")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--top", type=int, default=40, help="definitions listed, largest first")
@@ -161,7 +147,7 @@ def main() -> None:
     rec["sections"] = [dict(section=k, definitions=len(v), bytes=cut_cost(lines, total, v)) for k, v in sections.items()]
     print(table(["section", "definitions", "compressed bytes it adds"],
                 [[r["section"], r["definitions"], f"{r['bytes']:,}"] for r in rec["sections"]]))
-    strings, count = long_string_cost(minified, total)
+    strings, count = long_string_cost(minified)
     rec["long_strings"] = dict(count=count, bytes=strings)
     print(f"{count} string literals over {LONG_STRING} characters add {strings:,} compressed bytes")
     if not args.smoke:
@@ -171,8 +157,9 @@ def main() -> None:
                     [[r["name"], r["section"], f"{r['bytes']:,}"] for r in rows[: args.top]]))
     if args.cm or args.smoke:
         data = minified.encode()[: 4096 if args.smoke else None]
-        rec["cm"] = dict(input=len(data), ideal_bytes=round(cm_code_length(data)), lzma=packed_size(data.decode()),
-                         lrzip=None if args.smoke else lrzip_size(data))
+        lrzip = None if args.smoke else lrzip_bytes(data)
+        rec["cm"] = dict(input=len(data), ideal_bytes=round(cm_code_length(data)), lzma=packed_size(data),
+                         lrzip=lrzip and lrzip[0])
         print(f"context mixing (ideal code length) on {len(data):,} B: {rec['cm']['ideal_bytes']:,} B; raw LZMA2 "
               f"{rec['cm']['lzma']:,} B; lrzip -z -L 9 (ZPAQ) {rec['cm']['lrzip'] or '-'} B")
     if args.json:

@@ -90,9 +90,8 @@ def test_code_bytes_smoke(tmp_path, sample):
     """Every section of train_gpt.py is found and costs bytes; the sizes are those the run ships; the CM estimate
     of the first 4 KB lands near LZMA's size for it (a model that mispredicts would cost far more)."""
     out, rec = run_bench("code_bytes", tmp_path, sample)
+    from conftest import T
     src = open(os.path.join(ROOT, "train_gpt.py"), "rb").read()
-    sys.path.insert(0, ROOT)
-    import train_gpt as T
     assert rec["shipped"] == len(T.shipped_code(src)[0]) and rec["minified"] == len(T.minify_source(src))
     sections = [r["section"] for r in rec["sections"]]
     assert sections[:3] == ["Header", "Config", "Runtime"] and sections[-1] == "Main"
