@@ -26,6 +26,7 @@ import re
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 import tokenize
 import uuid
@@ -118,6 +119,8 @@ class Hyperparameters:
     seed: int = setting(1337, RUN)
     artifact_dir: str = setting("", RUN)           # "" = runs/<run_id>
     train_loader: str = setting("packed", RUN, choices=("packed", "shuffled"))  # document packing | random rows
+    val_overlap_scan_tokens: int = setting(2_000_000, RUN, lo=0)  # head of each train shard searched for val docs
+    allow_val_overlap: bool = setting(False, RUN)  # 1 = train even when validation documents are in the train shards
     val_max_tokens: int = setting(0, RUN, lo=0)    # 0 = the whole validation set (else not a challenge score)
     extra_env: str = setting("", RUN)              # comma list of deliberate env vars that resemble settings
     iterations: int = setting(20000, RUN, lo=0)
@@ -385,7 +388,26 @@ class Hyperparameters:
         if self.caseops_enabled and not glob.glob(os.path.join(data_path, "fineweb_val_bytes_*.bin")):
             errors.append(f"CASEOPS_ENABLED=1 but DATA_PATH={data_path!r} has no fineweb_val_bytes_*.bin byte "
                           "sidecar; set CASEOPS_ENABLED=0 or rebuild the data with --caseops")
+        outputs = [(f"ARTIFACT_DIR={self.artifact_dir!r}", self.artifact_dir or "runs"),
+                   ("logs/ (the run log folder, in the working directory)", "logs"),
+                   (f"SAVE_TOKEN_LOSSES={self.save_token_losses!r}", self.save_token_losses)]
+        errors += [f"{what}: {why}" for what, path in outputs if path and (why := unwritable(path))]
         return errors
+
+
+def unwritable(path: str) -> str | None:
+    """Why a directory cannot be made or written at `path` (None when it can): the run writes there only after
+    minutes of training."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        return f"{probe} is a file, not a directory"
+    try:
+        tempfile.TemporaryFile(dir=probe).close()
+    except OSError as e:
+        return f"cannot create files in {probe} ({e.strerror})"
+    return None
 
 
 def _parse_env_value(var: str, raw: str, typ) -> object:
@@ -651,6 +673,89 @@ def load_validation(hp: Hyperparameters, luts: TokenByteLUTs) -> ValidationData:
         tb = luts.target_bytes(tokens[:-1], tokens[1:])
         source = "sentencepiece LUTs"
     return ValidationData(tokens, tb.to(torch.int32), source)
+
+
+# ---- validation overlap guard: the validation documents must not be in the training shards ------------------
+# A data prep left at 10,000 validation documents instead of 50,000 puts the other 40,000 at the start of the train
+# shards; challenge submissions were excluded for it (docs/data_guard.md). A document is known by its length and its
+# first VAL_KEY_TOKENS tokens.
+VAL_KEY_TOKENS = 32
+# Identical pages in two FineWeb crawls may put a few validation documents in even the canonical train split (not
+# measured here); a leaky prep puts most of them there. Stop above this fraction of validation documents.
+VAL_OVERLAP_TOLERANCE = 0.01
+# The canonical exports as the challenge's logs count them (docs/record_settings.md): (vocab, CaseOps) -> train
+# shards, validation documents, validation targets cut to whole CANONICAL_VAL_UNIT-token rows (the record's
+# EVAL_SEQ_LEN). sp1024: the official manifest as the baseline's logs show it.
+CANONICAL_SPLITS = {(8192, True): (80, 50_000, 47_851_520), (1024, False): (80, 50_000, 62_021_632)}
+CANONICAL_VAL_UNIT = 2048
+
+
+def document_keys(tokens: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """uint64 key of each document tokens[start:end] (start = its BOS): its length and first VAL_KEY_TOKENS tokens."""
+    idx = starts[:, None] + 1 + np.arange(VAL_KEY_TOKENS)
+    win = np.where(idx < ends[:, None], tokens[np.minimum(idx, len(tokens) - 1)], 0).astype(np.uint64)
+    key = (ends - starts).astype(np.uint64)
+    for col in win.T:  # polynomial hash mod 2^64
+        key = key * np.uint64(0x100000001B3) + col
+    return key
+
+
+@dataclass
+class SplitCheck:
+    """What start-up found about the split (logged and in the compliance block)."""
+    val_docs: int
+    val_targets: int                  # whole CANONICAL_VAL_UNIT rows, as the canonical counts are taken
+    train_shards: int
+    val_docs_in_train: int            # validation documents found starting a document in the scanned train tokens
+    scanned_tokens: int
+    train_tokens: int
+    seconds: float
+    leaks: dict                       # shard name -> validation documents found in it
+    canonical: bool
+
+
+def check_split(hp: Hyperparameters, train_files: list[str], bos_id: int) -> SplitCheck:
+    """Key every validation document, stream the document starts in the head (VAL_OVERLAP_SCAN_TOKENS; 0 = all)
+    of each train shard and count the validation keys there; compare the split's counts with the canonical one."""
+    t0 = time.perf_counter()
+    val = np.concatenate([load_shard(f) for f in list_shards(hp.resolved_paths()[0], "val")])
+    starts = np.flatnonzero(val == bos_id)
+    val_keys = np.unique(document_keys(val, starts, np.append(starts[1:], len(val))))
+    leaks, scanned, total = {}, 0, 0
+    for f in train_files:
+        tok = load_shard(f)
+        head = len(tok) if hp.val_overlap_scan_tokens == 0 else min(len(tok), hp.val_overlap_scan_tokens)
+        s = np.flatnonzero(tok[:head] == bos_id)  # the last start's document may run on: not keyed
+        found = int(np.isin(document_keys(tok, s[:-1], s[1:]), val_keys).sum())
+        if found:
+            leaks[os.path.basename(f)] = found
+        scanned, total = scanned + head, total + len(tok)
+    val_targets = (len(val) - 1) // CANONICAL_VAL_UNIT * CANONICAL_VAL_UNIT
+    canonical = CANONICAL_SPLITS.get((hp.vocab_size, hp.caseops_enabled)) == (len(train_files), len(starts), val_targets)
+    return SplitCheck(len(starts), val_targets, len(train_files), sum(leaks.values()), scanned, total,
+                      time.perf_counter() - t0, leaks, canonical)
+
+
+def enforce_split(check: SplitCheck, hp: Hyperparameters, log) -> None:
+    """Log the check; stop (ConfigError) when too many validation documents are in the scanned train tokens."""
+    per_100m = check.seconds * 1e8 / max(check.scanned_tokens, 1)
+    log(f"split_check: val_docs:{check.val_docs} val_docs_in_train:{check.val_docs_in_train} train_shards:"
+        f"{check.train_shards} scanned:{check.scanned_tokens}/{check.train_tokens} train tokens in {check.seconds:.2f}s "
+        f"({per_100m:.2f}s per 100M) canonical:{int(check.canonical)}")
+    expected = CANONICAL_SPLITS.get((hp.vocab_size, hp.caseops_enabled))
+    if not check.canonical:
+        log(f"WARNING: not the canonical split of VOCAB_SIZE={hp.vocab_size} CASEOPS_ENABLED={int(hp.caseops_enabled)} "
+            f"(train shards, val docs, val tokens): {expected or 'none known'}; this data has ({check.train_shards}, "
+            f"{check.val_docs}, {check.val_targets}); a leaderboard run needs the canonical data")
+    limit = VAL_OVERLAP_TOLERANCE * check.val_docs * check.scanned_tokens / max(check.train_tokens, 1)
+    if check.val_docs_in_train > limit:
+        worst = max(check.leaks, key=check.leaks.get)
+        msg = (f"{check.val_docs_in_train} of {check.val_docs} validation documents are in the training shards "
+               f"(most in {worst}: {check.leaks[worst]}; {len(check.leaks)} shard(s) in all): the data was prepared "
+               "with too few validation documents; re-export it with 50,000 (or set ALLOW_VAL_OVERLAP=1)")
+        if not hp.allow_val_overlap:
+            raise ConfigError(f"DATA_PATH={hp.resolved_paths()[0]!r}: {msg}")
+        log(f"WARNING: ALLOW_VAL_OVERLAP=1: {msg}")
 
 
 class TokenStream:
@@ -3725,13 +3830,16 @@ def start_run(hp: Hyperparameters, rt: Runtime, backend: str) -> Run:
     log(f"attention_backend:{backend} autocast_bf16:{autocast_context(hp, rt.device)._enabled} "
         f"compile:{int(compile_enabled(hp, rt.device))}")
     train_files = [] if hp.eval_only else list_shards(hp.resolved_paths()[0], "train")
-    if train_files:
+    split = check_split(hp, train_files, luts.bos_id) if train_files else None
+    if split:
         log(f"train_shards: {len(train_files)}")
+        enforce_split(split, hp, log)
     record = {"run_id": hp.run_id, "seed": hp.seed, "preset": hp.preset, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
               "config": hp.as_dict(), "env_overrides": env_overrides(hp), "code_sha256": code_sha,
               "code_bytes_raw": len(source), "commit": _git_commit(), "versions": _versions(),
               "device": device_name if rt.device.type == "cuda" else f"cpu ({device_name})",
-              "world_size": rt.world_size, "stages": {}, "train_log": [], "val_log": [], "clip_table": []}
+              "world_size": rt.world_size, "stages": {}, "train_log": [], "val_log": [], "clip_table": [],
+              "split_check": split and dataclasses.asdict(split)}
     return Run(hp, rt, backend, source, luts, val, train_files, record)
 
 
@@ -3891,13 +3999,16 @@ def finish_run(run: Run, trained: Trained, packed: Packed, evaluated: Evaluated)
     train_plus_hessian = res.train_time_ms / 1000 + packed.hessian_s
     budget_ok = hp.max_wallclock_seconds > 0 and not hp.requant_from and not hp.eval_only and \
         train_plus_hessian <= hp.max_wallclock_seconds
+    split = record["split_check"] or {}  # None fields: not checked (EVAL_ONLY reads no training data)
     compliance = {"train_plus_hessian_s": train_plus_hessian, "train_budget_s": hp.max_wallclock_seconds,
                   "budget_compliant": budget_ok, "eval_time_s": eval_s, "eval_budget_s": hp.eval_time_budget,
                   "eval_within_budget": eval_s <= hp.eval_time_budget, "artifact_under_limit": not over,
                   "calibration_source": "training shards (fineweb_train_*), shuffled sequences",
                   "ttt_mode": final.stage if hp.ttt_enabled else "none",
                   "tokens_scored": final.tokens, "val_tokens": run.val.num_targets,
-                  "full_validation": hp.val_max_tokens == 0}
+                  "full_validation": hp.val_max_tokens == 0, "val_docs_in_train": split.get("val_docs_in_train"),
+                  "train_shards": split.get("train_shards"), "val_docs": split.get("val_docs"),
+                  "canonical_split": split.get("canonical")}
     run.log("compliance: " + json.dumps(compliance, sort_keys=True))
     if eval_s > hp.eval_time_budget:
         run.log(f"ERROR: EVALUATION TOOK {eval_s:.0f}s > EVAL_TIME_BUDGET={hp.eval_time_budget:.0f}s")
