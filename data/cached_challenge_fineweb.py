@@ -36,6 +36,9 @@ DEFAULT_REPO_ID = "willdepueoai/parameter-golf"
 CASEOPS_REPO_ID = "romeerp/parameter-golf-caseops-v1"
 DEFAULT_REMOTE_ROOT = "datasets"
 CASEOPS_SUFFIX = "_lossless_caps_caseops_v1_reserved"
+# The challenge's validation split: the first 50,000 documents of the frozen list. A split with fewer puts the
+# others into the training shards, where a run would train on what it is scored on (docs/data_guard.md).
+CANONICAL_VAL_DOCS = 50_000
 STAGING = ".download_staging"
 ORIGIN_FILE = "manifest.origin.json"
 OFFLINE_HINT = ("run this on a machine with network access, or build the offline sample with "
@@ -194,8 +197,14 @@ def dataset_name_for(variant: str, caseops: bool) -> str:
     return f"fineweb10B_{v}"
 
 
+def few_val_docs_error(num_val: int, what: str) -> str:
+    return (f"{what} has {num_val:,} validation documents, fewer than the challenge's {CANONICAL_VAL_DOCS:,}: the "
+            "rest of the validation set is then in its training shards, and a run would train on what it is scored "
+            "on (submissions were excluded for it); pass --allow-few-val-docs if that is what you want")
+
+
 def build_plan(manifest: dict, dataset_name: str, train_shards: int | None, with_docs: bool,
-               remote_root: str) -> list[dict]:
+               remote_root: str, allow_few_val_docs: bool = False) -> list[dict]:
     """Files to fetch: [{remote, rel, size, sha256, shard}] in download order (val first)."""
     datasets = manifest.get("datasets") or []
     entry = next((d for d in datasets if d.get("name") == dataset_name), None)
@@ -205,6 +214,8 @@ def build_plan(manifest: dict, dataset_name: str, train_shards: int | None, with
                             f"known variants: {', '.join(known) or '(manifest lists none)'}")
     ds_path = (entry.get("path") or f"datasets/{dataset_name}").strip("/")
     stats = entry.get("stats") or {}
+    if stats.get("docs_val") is not None and stats["docs_val"] < CANONICAL_VAL_DOCS and not allow_few_val_docs:
+        raise DownloadError(few_val_docs_error(stats["docs_val"], f"dataset {dataset_name} (manifest stats.docs_val)"))
     listed = {f["name"]: f for f in entry.get("files") or [] if "name" in f}
     n_val = int(stats.get("files_val", 1) or 1)
     n_train_all = int(stats.get("files_train", 0) or 0)
@@ -255,7 +266,7 @@ def run(args) -> int:
 
     manifest = load_manifest(repo_id, remote_root, out_root, args.refresh_manifest, args.revision)
     dataset = dataset_name_for(variant, caseops)
-    plan = build_plan(manifest, dataset, args.train_shards, args.with_docs, remote_root)
+    plan = build_plan(manifest, dataset, args.train_shards, args.with_docs, remote_root, args.allow_few_val_docs)
     print(f"{repo_id} ({remote_root or '/'}): {dataset}, {len(plan)} files -> {out_root}", flush=True)
 
     done_files, done_bytes, fetched_bytes, skipped = 0, 0, 0, 0
@@ -320,6 +331,8 @@ def parse_args(argv=None):
     ap.add_argument("--with-docs", action="store_true", help="also fetch docs_selected.jsonl (+ sidecar)")
     ap.add_argument("--out-root", default=DATA_DIR, help="local data root (default: this repo's data/)")
     ap.add_argument("--refresh-manifest", action="store_true", help="download manifest.json again")
+    ap.add_argument("--allow-few-val-docs", action="store_true",
+                    help=f"fetch a dataset whose validation split has fewer than {CANONICAL_VAL_DOCS:,} documents")
     args = ap.parse_args(argv)
     if args.train_shards is None:
         args.train_shards = args.train_shards_pos

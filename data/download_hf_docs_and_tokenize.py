@@ -29,10 +29,10 @@ DATA_DIR = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, DATA_DIR)
 import caseops  # noqa: E402
 import shard_tools  # noqa: E402
-from cached_challenge_fineweb import (DEFAULT_REMOTE_ROOT, DEFAULT_REPO_ID, DownloadError,  # noqa: E402
-                                      hub_fetch, remote_path)
+from cached_challenge_fineweb import (CANONICAL_VAL_DOCS, DEFAULT_REMOTE_ROOT, DEFAULT_REPO_ID,  # noqa: E402
+                                      DownloadError, few_val_docs_error, hub_fetch, remote_path)
 
-DEFAULT_NUM_VAL_DOCS = 50_000
+DEFAULT_NUM_VAL_DOCS = CANONICAL_VAL_DOCS
 SHARD_SIZE = 10**8
 BYTE_SPEC_KIND = "byte"
 
@@ -204,6 +204,8 @@ def main(argv=None) -> int:
     ap.add_argument("--caseops", action="store_true", help="build only the CaseOps (text_transform) specs")
     ap.add_argument("--num-val-docs", type=int, default=None,
                     help=f"validation docs (default: sidecar docs_val, else {DEFAULT_NUM_VAL_DOCS})")
+    ap.add_argument("--allow-few-val-docs", action="store_true",
+                    help=f"write a split with fewer than {CANONICAL_VAL_DOCS:,} validation documents")
     ap.add_argument("--chunk-tokens", type=int, default=SHARD_SIZE, help="tokens per shard")
     ap.add_argument("--max-train-shards", type=int, default=None)
     ap.add_argument("--workers", type=int,
@@ -254,6 +256,9 @@ def main(argv=None) -> int:
     num_docs = sum(1 for _ in shard_tools.iter_jsonl_texts(docs_path))
     num_val = args.num_val_docs if args.num_val_docs is not None else int(sidecar.get("docs_val", DEFAULT_NUM_VAL_DOCS))
     num_val = min(num_val, num_docs)
+    if num_val < CANONICAL_VAL_DOCS and not args.allow_few_val_docs:
+        print(f"error: {few_val_docs_error(num_val, f'the split of {docs_path} ({num_docs:,} docs)')}", file=sys.stderr)
+        return 2
     print(f"docs: {docs_path} ({num_docs:,} docs, sha256 {docs_sha[:16]}...), val = first {num_val:,}", flush=True)
 
     toks, dss = [], []

@@ -159,7 +159,7 @@ def _retok(out_root, docs_path, specs_path, workers, extra=()):
     import download_hf_docs_and_tokenize as rt
     argv = ["--docs-jsonl", docs_path, "--output-root", str(out_root), "--tokenizer-specs", specs_path,
             "--num-val-docs", str(NUM_VAL), "--chunk-tokens", "20000", "--workers", str(workers),
-            "--batch-docs", "16", *extra]
+            "--batch-docs", "16", "--allow-few-val-docs", *extra]
     assert rt.main(argv) == 0
 
 
@@ -360,13 +360,13 @@ def hub(retok):
         yield h, repo
 
 
-def _download(hub_url, tmp, *args, env_extra=None):
+def _download(hub_url, tmp, *args, env_extra=None, allow_few=True):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "MATCHED_FINEWEB"))}
     env.update(HF_ENDPOINT=hub_url, HF_HOME=str(tmp / "hf_home"), HF_HUB_DISABLE_TELEMETRY="1",
                HF_HUB_DISABLE_XET="1", HF_HUB_ETAG_TIMEOUT="5", HF_HUB_DOWNLOAD_TIMEOUT="5")
     env.update(env_extra or {})
     cmd = [PY, os.path.join(DATA, "cached_challenge_fineweb.py"), "--repo-id", "test/pg",
-           "--out-root", str(tmp / "data"), *args]
+           "--out-root", str(tmp / "data"), *(["--allow-few-val-docs"] if allow_few else []), *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
 
 
@@ -422,3 +422,19 @@ def test_downloader_errors(hub, tmp_path):
 
     r = _download(h.url, tmp_path / "z", "--variant", "sp384", env_extra={"HF_HUB_OFFLINE": "1"})
     assert r.returncode == 2 and "build_offline_sample.py" in r.stderr
+
+
+def test_downloader_refuses_a_split_with_few_validation_docs(hub, tmp_path):
+    r = _download(hub[0].url, tmp_path, "--variant", "sp384", allow_few=False)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert f"has {NUM_VAL} validation documents, fewer than the challenge's 50,000" in r.stderr
+    assert "--allow-few-val-docs" in r.stderr and not (tmp_path / "data" / "datasets").exists()
+
+
+def test_retokenizer_refuses_a_split_with_few_validation_docs(retok, tmp_path, capsys):
+    import download_hf_docs_and_tokenize as rt
+    argv = ["--docs-jsonl", retok["docs_path"], "--output-root", str(tmp_path), "--num-val-docs", str(NUM_VAL)]
+    assert rt.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"has {NUM_VAL} validation documents, fewer than the challenge's 50,000" in err and "--allow-few-val-docs" in err
+    assert not (tmp_path / "datasets").exists() and not (tmp_path / "manifest.json").exists()
