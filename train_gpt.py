@@ -691,11 +691,11 @@ CANONICAL_VAL_UNIT = 2048
 
 
 def document_keys(tokens: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-    """uint64 key of each document tokens[start:end] (start = its BOS): its length and first VAL_KEY_TOKENS tokens."""
-    idx = starts[:, None] + 1 + np.arange(VAL_KEY_TOKENS)
-    win = np.where(idx < ends[:, None], tokens[np.minimum(idx, len(tokens) - 1)], 0).astype(np.uint64)
-    key = (ends - starts).astype(np.uint64)
-    for col in win.T:  # polynomial hash mod 2^64
+    """uint64 key of each document tokens[start:end] (start = its BOS) longer than VAL_KEY_TOKENS: its length and
+    first VAL_KEY_TOKENS tokens. Shorter ones are not keyed: unrelated short documents share their few tokens."""
+    long = ends - starts > VAL_KEY_TOKENS
+    starts, key = starts[long], (ends - starts)[long].astype(np.uint64)
+    for col in tokens[starts[:, None] + 1 + np.arange(VAL_KEY_TOKENS)].astype(np.uint64).T:  # hash mod 2^64
         key = key * np.uint64(0x100000001B3) + col
     return key
 
@@ -726,7 +726,8 @@ def check_split(hp: Hyperparameters, train_files: list[str], bos_id: int) -> Spl
         tok = load_shard(f)
         head = len(tok) if hp.val_overlap_scan_tokens == 0 else min(len(tok), hp.val_overlap_scan_tokens)
         s = np.flatnonzero(tok[:head] == bos_id)  # the last start's document may run on: not keyed
-        found = int(np.isin(document_keys(tok, s[:-1], s[1:]), val_keys).sum())
+        keys = document_keys(tok, s[:-1], s[1:])
+        found = int((val_keys[np.searchsorted(val_keys, keys).clip(max=len(val_keys) - 1)] == keys).sum())
         if found:
             leaks[os.path.basename(f)] = found
         scanned, total = scanned + head, total + len(tok)

@@ -76,8 +76,7 @@ def test_document_key_is_length_and_first_tokens():
     early = body.copy()
     early[T.VAL_KEY_TOKENS - 1] += 1
     assert key(early)[0] != base
-    short = body[:7]                                            # shorter than the key: what follows is not read
-    assert key(short, body)[0] == key(short, body[::-1])[0] != key(body[:8], body)[0]
+    assert len(key(body[:T.VAL_KEY_TOKENS - 1], body)) == 1      # too short to key: not counted either way
 
 
 def test_sampled_mode_scans_only_each_shards_head(sample, tmp_path):
