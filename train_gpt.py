@@ -68,7 +68,7 @@ PRESETS: dict[str, dict] = {
         adam_wd=0.0, muon_wd=0.0, embed_wd=0.0, ema_decay=0.0, warmdown_frac=0.06, min_lr=0.0,
         tied_embed_init_std=0.005, matrix_bits=8, embed_bits=8, clip_mode="fixed", lqer_enabled=False,
         ttt_enabled=False, warmup_steps=20),
-    "frontier": dict(  # #2135 (spec frontier_2135.md Part D) + the siblings docs/strategy.md argues for
+    "frontier": dict(  # #2135 (docs/record_settings.md F Part D) + the siblings docs/strategy.md argues for
         ngram_tilt_enabled=True, eval_seq_len=2560, ttt_eval_seq_len=2560, phased_ttt_num_phases=1,
         ttt_lora_lr=8e-5, ttt_weight_decay=2.0, ttt_k_lora=False, matrix_lr=0.028, gptq_calibration_batches=32,
         lqer_asym_group=32, gated_attn_quant_gate=False,

@@ -136,7 +136,7 @@ def train_part(args, base_over, rt, log, seconds) -> list[dict]:
     return rows
 
 
-# The #1855 record's measured eval (spec sota_stack.md §7.4, seed 42): LoRA score+train of every document took the
+# The #1855 record's measured eval (spec §7.4, seed 42): LoRA score+train of every document took the
 # TTT loop's 508.8 s minus the three global SGD phases (16.6 + 29.8 + 38.0 s); the last phase ran 289 chunks of
 # 32,768 tokens (9.47M) in 38.0 s on 8 ranks.
 RECORD_TTT_LOOP_S, RECORD_SGD_S = 508.8, (16.6, 29.8, 38.0)

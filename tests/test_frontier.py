@@ -1,4 +1,4 @@
-"""The frontier techniques (spec frontier_2135.md) as flags: each changes what it should, trains, survives the
+"""The frontier techniques (docs/record_settings.md, F parts A and B) as flags: each changes what it should, trains, survives the
 artifact, and keeps scoring legal. Causality across every eval mode is in test_eval.py."""
 import dataclasses
 
