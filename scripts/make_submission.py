@@ -122,6 +122,13 @@ def check_run(rec: dict, code_sha: str):
     et = runlib.eval_time_s(rec)
     if et is not None and et > runlib.EVAL_BUDGET_S:
         reasons.append(f"{d}: evaluation took {et:.1f} s > {runlib.EVAL_BUDGET_S:.0f} s")
+    # the data: train_gpt.py's split check (validation documents found in the training shards; canonical export)
+    leak = runlib.get(rec, "compliance", "val_docs_in_train")
+    if leak:
+        reasons.append(f"{d}: {leak} validation documents are in the training shards (split_check in the log)")
+    if runlib.get(rec, "compliance", "canonical_split") is False:
+        reasons.append(f"{d}: not the canonical data split (train shards / validation documents / tokens differ; "
+                       "split_check in the log)")
     # full validation
     fv = runlib.get(rec, "compliance", "full_validation")
     scored, total = runlib.get(rec, "compliance", "tokens_scored"), runlib.get(rec, "compliance", "val_tokens")
@@ -341,7 +348,10 @@ def submission_json(recs, *, name, author, github_id, blurb, date, code_sha, non
         "ttt_mode": ttt_modes[0] if len(ttt_modes) == 1 else ttt_modes,
         "calibration_source": sorted({str(runlib.get(r, "compliance", "calibration_source"))
                                       for r in recs if runlib.get(r, "compliance", "calibration_source")}),
-        "no_val_data_during_training": True,
+        "no_val_data_during_training": all(runlib.get(r, "compliance", "val_docs_in_train") == 0 for r in recs),
+        "val_docs_in_train_max": max((runlib.get(r, "compliance", "val_docs_in_train") or 0 for r in recs), default=0),
+        "canonical_split": all_true([runlib.get(r, "compliance", "canonical_split") for r in recs]),
+        "train_shards": sorted({runlib.get(r, "compliance", "train_shards") for r in recs} - {None}),
         "three_seeds": len(recs) >= 3,
         "train_plus_hessian_s_max": max((float(t) for t in tph if t is not None), default=None),
         "eval_time_s_max": max((e for e in ets if e is not None), default=None),
@@ -457,6 +467,9 @@ def readme(recs, sub, logs, reasons, files) -> str:
           f"code {sub['bytes_code']:,} bytes)",
           f"- evaluation ≤ 600 s: {mark(c['eval_under_600s'])} (max {runlib.fmt(c['eval_time_s_max'], 1)} s)",
           f"- full validation set scored: {mark(c['full_validation'])}",
+          f"- validation documents in the training shards: {c['val_docs_in_train_max']} (none found: "
+          f"{mark(c['no_val_data_during_training'])}); canonical split: {mark(c['canonical_split'])} "
+          f"(train shards {', '.join(map(str, c['train_shards'])) or '?'})",
           f"- TTT mode: {c['ttt_mode']} (score-first: {mark(c['score_first_ttt'])})",
           f"- GPTQ calibration source: {', '.join(c['calibration_source']) or '?'}",
           f"- three seeds: {mark(c['three_seeds'])} ({', '.join(str(s) for s in sub['seeds'])})",

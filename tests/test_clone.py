@@ -15,7 +15,7 @@ from conftest import ROOT
 OUTSIDE = re.compile(r"\.\./shared\b|(?<![\w.~-])/(?:work|root|opt|mnt)/|(?<![\w.~-])/(?:home|Users)/[^/\s]+/"
                      r"|\b(?:sota_stack|frontier_2135)\.md\b")
 # Folders a working tree holds that are not the project's text (only for a copy without git).
-UNTRACKED_DIRS = {".git", ".venv", "__pycache__", ".pytest_cache", "runs", "logs", "submissions_out"}
+UNTRACKED_DIRS = {".git", ".venv", "__pycache__", ".pytest_cache", "runs", "logs"}
 THIS_FILE = "tests/test_clone.py"  # it spells the patterns out
 CITATION = re.compile(r"\b(spec|F) §([A-D]?\d+(?:\.\d+)*)")
 
