@@ -695,7 +695,7 @@ def document_keys(tokens: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> n
     first VAL_KEY_TOKENS tokens. Shorter ones are not keyed: unrelated short documents share their few tokens."""
     long = ends - starts > VAL_KEY_TOKENS
     starts, key = starts[long], (ends - starts)[long].astype(np.uint64)
-    for col in tokens[starts[:, None] + 1 + np.arange(VAL_KEY_TOKENS)].astype(np.uint64).T:  # hash mod 2^64
+    for col in tokens[starts[:, None] + 1 + np.arange(VAL_KEY_TOKENS)].astype(np.uint64).T:  # FNV prime, mod 2^64
         key = key * np.uint64(0x100000001B3) + col
     return key
 
@@ -732,7 +732,8 @@ def check_split(hp: Hyperparameters, train_files: list[str], bos_id: int) -> Spl
             leaks[os.path.basename(f)] = found
         scanned, total = scanned + head, total + len(tok)
     val_targets = (len(val) - 1) // CANONICAL_VAL_UNIT * CANONICAL_VAL_UNIT
-    canonical = CANONICAL_SPLITS.get((hp.vocab_size, hp.caseops_enabled)) == (len(train_files), len(starts), val_targets)
+    counts = (len(train_files), len(starts), val_targets)
+    canonical = CANONICAL_SPLITS.get((hp.vocab_size, hp.caseops_enabled)) == counts
     return SplitCheck(len(starts), val_targets, len(train_files), sum(leaks.values()), scanned, total,
                       time.perf_counter() - t0, leaks, canonical)
 
@@ -741,8 +742,8 @@ def enforce_split(check: SplitCheck, hp: Hyperparameters, log) -> None:
     """Log the check; stop (ConfigError) when too many validation documents are in the scanned train tokens."""
     per_100m = check.seconds * 1e8 / max(check.scanned_tokens, 1)
     log(f"split_check: val_docs:{check.val_docs} val_docs_in_train:{check.val_docs_in_train} train_shards:"
-        f"{check.train_shards} scanned:{check.scanned_tokens}/{check.train_tokens} train tokens in {check.seconds:.2f}s "
-        f"({per_100m:.2f}s per 100M) canonical:{int(check.canonical)}")
+        f"{check.train_shards} scanned:{check.scanned_tokens}/{check.train_tokens} train tokens in "
+        f"{check.seconds:.2f}s ({per_100m:.2f}s per 100M) canonical:{int(check.canonical)}")
     expected = CANONICAL_SPLITS.get((hp.vocab_size, hp.caseops_enabled))
     if not check.canonical:
         log(f"WARNING: not the canonical split of VOCAB_SIZE={hp.vocab_size} CASEOPS_ENABLED={int(hp.caseops_enabled)} "

@@ -47,6 +47,9 @@ def test_end_to_end_learns_and_writes_everything(single_run, sample):
     a = rec["artifact"]
     assert a["artifact_bytes"] == a["code_bytes"] + a["model_bytes"] == os.path.getsize(a["path"]) + a["code_bytes"]
     assert rec["train"]["steps"] == 40 and not rec["train"]["budget_compliant"]  # fixed-step mode
+    c = rec["compliance"]  # the split check (tests/test_data_guard.py): the offline sample is clean, not canonical
+    assert (c["val_docs_in_train"], c["train_shards"], c["val_docs"], c["canonical_split"]) == (0, 1, 40, False)
+    assert re.search(r"^split_check: val_docs:40 val_docs_in_train:0 train_shards:1 ", out, re.M)
     assert (d / "logs" / "one.txt").exists() and (d / "art" / "prequant_model.pt").exists()
     assert rec["code_sha256"] in open(d / "logs" / "one.txt").read()
     # untrained model on the same validation tokens
