@@ -744,17 +744,16 @@ def enforce_split(check: SplitCheck, hp: Hyperparameters, log) -> None:
     log(f"split_check: val_docs:{check.val_docs} val_docs_in_train:{check.val_docs_in_train} train_shards:"
         f"{check.train_shards} scanned:{check.scanned_tokens}/{check.train_tokens} train tokens in "
         f"{check.seconds:.2f}s ({per_100m:.2f}s per 100M) canonical:{int(check.canonical)}")
-    expected = CANONICAL_SPLITS.get((hp.vocab_size, hp.caseops_enabled))
     if not check.canonical:
-        log(f"WARNING: not the canonical split of VOCAB_SIZE={hp.vocab_size} CASEOPS_ENABLED={int(hp.caseops_enabled)} "
-            f"(train shards, val docs, val tokens): {expected or 'none known'}; this data has ({check.train_shards}, "
+        log(f"WARNING: not the canonical split (train shards, val docs, val tokens) "
+            f"{CANONICAL_SPLITS.get((hp.vocab_size, hp.caseops_enabled))}: this data has ({check.train_shards}, "
             f"{check.val_docs}, {check.val_targets}); a leaderboard run needs the canonical data")
     limit = VAL_OVERLAP_TOLERANCE * check.val_docs * check.scanned_tokens / max(check.train_tokens, 1)
     if check.val_docs_in_train > limit:
         worst = max(check.leaks, key=check.leaks.get)
         msg = (f"{check.val_docs_in_train} of {check.val_docs} validation documents are in the training shards "
-               f"(most in {worst}: {check.leaks[worst]}; {len(check.leaks)} shard(s) in all): the data was prepared "
-               "with too few validation documents; re-export it with 50,000 (or set ALLOW_VAL_OVERLAP=1)")
+               f"(most in {worst}: {check.leaks[worst]}): the data was prepared with too few validation documents; "
+               "re-export it with 50,000 (or set ALLOW_VAL_OVERLAP=1)")
         if not hp.allow_val_overlap:
             raise ConfigError(f"DATA_PATH={hp.resolved_paths()[0]!r}: {msg}")
         log(f"WARNING: ALLOW_VAL_OVERLAP=1: {msg}")
