@@ -14,8 +14,9 @@ from conftest import ROOT
 # /workspace (a rented pod's volume, in docs/runpod_guide.md) are not on the list.
 OUTSIDE = re.compile(r"\.\./shared\b|(?<![\w.~-])/(?:work|root|opt|mnt)/|(?<![\w.~-])/(?:home|Users)/[^/\s]+/"
                      r"|\b(?:sota_stack|frontier_2135)\.md\b")
-# Folders a working tree holds that are not the project's text (only for a copy without git).
-UNTRACKED_DIRS = {".git", ".venv", "__pycache__", ".pytest_cache", "runs", "logs"}
+# Folders a working tree holds that are not the project's text (only for a copy without git): these, the hidden
+# ones but .ci, and the downloaded data.
+UNTRACKED_DIRS = {"__pycache__", "runs", "logs", "artifacts"}
 THIS_FILE = "tests/test_clone.py"  # it spells the patterns out
 CITATION = re.compile(r"\b(spec|F) §([A-D]?\d+(?:\.\d+)*)")
 
@@ -31,8 +32,8 @@ def project_files(root: str) -> list[str]:
     files = []
     for dirpath, dirnames, filenames in os.walk(root):
         rel = os.path.relpath(dirpath, root)
-        dirnames[:] = [d for d in dirnames if d not in UNTRACKED_DIRS and not (rel == "data" and d in (
-            "datasets", "tokenizers"))]
+        dirnames[:] = [d for d in dirnames if d not in UNTRACKED_DIRS and (d == ".ci" or not d.startswith("."))
+                       and not (rel == "data" and d in ("datasets", "tokenizers"))]
         files += [os.path.normpath(os.path.join(rel, f)).replace(os.sep, "/") for f in filenames]
     return sorted(files)
 
@@ -83,10 +84,13 @@ def test_the_check_finds_an_outside_path_in_a_git_checkout_and_in_a_plain_copy(t
 def test_a_copy_without_git_lists_its_files(tmp_path):
     root = tmp_path / "copy"
     shutil.copytree(os.path.join(ROOT, "docs"), root / "docs")
-    (root / ".venv").mkdir()
-    (root / ".venv" / "x.py").write_text("/work/\n")
+    for skipped in (".venv", ".inductor_cache", "runs", "data/datasets"):
+        (root / skipped).mkdir(parents=True)
+        (root / skipped / "x.py").write_text("/work/\n")
+    (root / ".ci").mkdir()
+    (root / ".ci" / "run").write_text("#!/usr/bin/env bash\n")
     files = project_files(str(root))
-    assert "docs/record_settings.md" in files and not any(f.startswith(".venv") for f in files)
+    assert "docs/record_settings.md" in files and ".ci/run" in files and not [f for f in files if f.endswith("x.py")]
 
 
 def test_every_cited_section_is_written_down():
