@@ -757,6 +757,9 @@ def enforce_split(check: SplitCheck, hp: Hyperparameters, log) -> None:
         if not hp.allow_val_overlap:
             raise ConfigError(f"DATA_PATH={hp.resolved_paths()[0]!r}: {msg}")
         log(f"WARNING: ALLOW_VAL_OVERLAP=1: {msg}")
+    elif check.val_docs_in_train:
+        log(f"WARNING: {check.val_docs_in_train} validation document(s) also start a training document "
+            f"({', '.join(check.leaks)}), within the {VAL_OVERLAP_TOLERANCE:.0%} that cross-crawl duplicates allow")
 
 
 class TokenStream:

@@ -97,6 +97,17 @@ def test_allow_val_overlap_warns_and_goes_on(sample, tmp_path):
     assert any(s.startswith("WARNING: ALLOW_VAL_OVERLAP=1: 30 of 40") for s in lines)
 
 
+def test_a_few_duplicates_under_the_tolerance_warn_and_go_on(sample, tmp_path, monkeypatch):
+    """A leak at or below VAL_OVERLAP_TOLERANCE (cross-crawl duplicates) is named in a warning, not a stop."""
+    data, leaked = leaky_copy(sample, tmp_path / "leaky")
+    hp, c = checked(data, VAL_OVERLAP_SCAN_TOKENS=0)
+    monkeypatch.setattr(T, "VAL_OVERLAP_TOLERANCE", 1.0)
+    lines = []
+    T.enforce_split(c, hp, lines.append)
+    assert any(s.startswith(f"WARNING: {leaked} validation document(s)") and "fineweb_train_000000.bin" in s
+               for s in lines)
+
+
 def test_canonical_flag_needs_all_three_counts(sample, monkeypatch):
     hp, c = checked(sample)
     monkeypatch.setitem(T.CANONICAL_SPLITS, (1024, False), (1, 40, c.val_targets))
