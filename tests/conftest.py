@@ -4,6 +4,11 @@ import os
 import subprocess
 import sys
 
+# Before torch loads OpenMP: its threads spin-wait by default, which on 2 cores shared with other processes (the
+# suite's own subprocesses, a loaded CI box) starves the thread doing the work: test_model.py took 476 s spinning,
+# 181 s passive at load ~13 (docs/performance.md). Subprocesses inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import pytest
 import torch
 import torch.distributed as dist
