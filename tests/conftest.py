@@ -15,6 +15,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Subprocess time-outs guard against hangs, never against slowness: a loaded 2-core box runs 5-10x slower
+HANG_TIMEOUT_S = 1800
 sys.path.insert(0, ROOT)
 # OMP_NUM_THREADS, when set, is the thread count the suite runs at (the portability runs vary it); else up to 2
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, min(2, os.cpu_count() or 1))))

@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from conftest import HANG_TIMEOUT_S
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -14,7 +16,7 @@ def run_bench(script, tmp_path, sample, *extra):
     out = tmp_path / f"{script}.json"
     env = {**os.environ, "DATA_PATH": sample["DATA_PATH"], "TOKENIZER_PATH": sample["TOKENIZER_PATH"]}
     p = subprocess.run([sys.executable, os.path.join(ROOT, "bench", f"{script}.py"), "--smoke", "--json", str(out),
-                        *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+                        *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p.stdout, json.loads(out.read_text())
 

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, TINY, T
+from conftest import HANG_TIMEOUT_S, ROOT, TINY, T
 
 
 def test_defaults_are_sota_and_presets_override():
@@ -129,7 +129,7 @@ def test_the_artifact_stores_every_setting_the_model_reads():
 def test_bad_config_fails_fast_from_the_command_line(tmp_path):
     env = {**os.environ, "NUM_HEADS": "7", "MODEL_DIM": "512"}
     p = subprocess.run([sys.executable, os.path.join(ROOT, "train_gpt.py")], env=env, cwd=tmp_path,
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
     assert p.returncode == 2
     assert "MODEL_DIM=512: must be divisible by NUM_HEADS=7" in p.stderr
     assert not (tmp_path / "logs").exists()  # rejected before any run state was created
@@ -137,5 +137,5 @@ def test_bad_config_fails_fast_from_the_command_line(tmp_path):
 
 def test_import_has_no_side_effects(tmp_path):
     p = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {ROOT!r}); import train_gpt"],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
+                       cwd=tmp_path, capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
     assert p.returncode == 0 and p.stdout == "" and list(tmp_path.iterdir()) == []

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, TINY, T
+from conftest import HANG_TIMEOUT_S, ROOT, TINY, T
 
 
 @pytest.fixture
@@ -48,7 +48,7 @@ def test_writable_new_paths_pass_and_the_check_makes_nothing(sample, tmp_path):
 def test_unwritable_artifact_dir_stops_the_command_before_any_data_is_read(sample, tmp_path):
     env = {**os.environ, **TINY, **sample, "ARTIFACT_DIR": "/proc/x/y", "RUN_ID": "blocked"}
     p = subprocess.run([sys.executable, os.path.join(ROOT, "train_gpt.py")], env=env, cwd=tmp_path,
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
     assert p.returncode == 2 and p.stdout == "" and "Traceback" not in p.stderr
     assert p.stderr.strip().splitlines() == ["config error: ARTIFACT_DIR='/proc/x/y': cannot create files in /proc "
                                              "(No such file or directory)"]

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT, TINY, T, tiny_hp
+from conftest import HANG_TIMEOUT_S, ROOT, TINY, T, tiny_hp
 from data.shard_tools import write_shard
 
 
@@ -130,7 +130,7 @@ def test_leaky_run_stops_at_start_up_and_writes_no_artifact(sample, tmp_path):
     env = {**os.environ, **TINY, **data, "ARTIFACT_DIR": str(tmp_path / "art"), "RUN_ID": "leak",
            "VAL_OVERLAP_SCAN_TOKENS": "0", "ITERATIONS": "2", "MAX_WALLCLOCK_SECONDS": "0"}
     p = subprocess.run([sys.executable, os.path.join(ROOT, "train_gpt.py")], env=env, cwd=tmp_path,
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
     assert p.returncode == 2, p.stderr[-2000:]
     err = p.stderr.strip().splitlines()
     assert len(err) == 1 and "fineweb_train_000000.bin" in err[0] and "30 of 40 validation documents" in err[0]

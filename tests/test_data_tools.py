@@ -21,6 +21,7 @@ for p in (REPO, DATA):
 
 import caseops  # noqa: E402
 import train_gpt  # noqa: E402
+from conftest import HANG_TIMEOUT_S  # noqa: E402
 
 PY = sys.executable
 WORDS = ("the of and to in a is that for it as was with be by on not he I this are or his from at which but "
@@ -244,7 +245,7 @@ def glob_bytes(path):
 def _offline(out_root, docs_path, *extra):
     cmd = [PY, os.path.join(DATA, "build_offline_sample.py"), "--out-root", str(out_root), "--docs-jsonl",
            docs_path, "--vocab-size", "384", "--val-docs", "10", "--shard-tokens", "10000", *extra]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
     assert r.returncode == 0, r.stderr
     return r.stdout
 
@@ -367,7 +368,7 @@ def _download(hub_url, tmp, *args, env_extra=None, allow_few=True):
     env.update(env_extra or {})
     cmd = [PY, os.path.join(DATA, "cached_challenge_fineweb.py"), "--repo-id", "test/pg",
            "--out-root", str(tmp / "data"), *(["--allow-few-val-docs"] if allow_few else []), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=HANG_TIMEOUT_S)
 
 
 def test_downloader_full_partial_resume(hub, tmp_path, retok):

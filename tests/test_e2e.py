@@ -8,14 +8,14 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, TINY, T
+from conftest import HANG_TIMEOUT_S, ROOT, TINY, T
 
 RUN_ENV = {**TINY, "ITERATIONS": "40", "MAX_WALLCLOCK_SECONDS": "0", "TRAIN_LOG_EVERY": "10",
            "MATRIX_LR": "0.02", "TTT_LORA_RANK": "4", "PHASED_TTT_PREFIX_DOCS": "2", "PHASED_TTT_NUM_PHASES": "1",
            "EVAL_TIME_BUDGET": "600", "OMP_NUM_THREADS": "1"}
 
 
-def run(cmd, env, cwd, timeout=600):
+def run(cmd, env, cwd, timeout=HANG_TIMEOUT_S):
     full = {**os.environ, **env}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         full.pop(k, None) if k not in env else None
@@ -134,9 +134,9 @@ def test_package_two_real_cpu_runs(single_run, sample, tmp_path):
     run([sys.executable, os.path.join(ROOT, "train_gpt.py")], env2, tmp_path)
     cmd = [sys.executable, os.path.join(ROOT, "scripts", "make_submission.py"), str(d / "art"), str(tmp_path / "two"),
            "--name", "cpu_test", "--author", "CI", "--github-id", "ci", "--blurb", "test", "--out-root", str(tmp_path / "subs")]
-    refused = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    refused = subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
     assert refused.returncode != 0 and "budget" in (refused.stdout + refused.stderr).lower()
-    ok = subprocess.run(cmd + ["--non-record"], capture_output=True, text=True, timeout=120)
+    ok = subprocess.run(cmd + ["--non-record"], capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     (folder,) = list((tmp_path / "subs").iterdir())
     names = {p.name for p in folder.iterdir()}

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, T
+from conftest import HANG_TIMEOUT_S, ROOT, T
 
 pytestmark = pytest.mark.skipif(not T.HAS_TRITON, reason="triton not installed (pip install -r requirements-dev.txt)")
 
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(not T.HAS_TRITON, reason="triton not installed (
 def test_triton_kernel_matches_reference(case):
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     p = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "kernel_cases.py"), case], env=env,
-                       capture_output=True, text=True, timeout=600)
+                       capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
     assert p.returncode == 0 and f"{case} ok" in p.stdout, p.stdout[-2000:] + p.stderr[-3000:]
 
 

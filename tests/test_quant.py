@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from conftest import T, randomize, tiny_hp
+from conftest import HANG_TIMEOUT_S, T, randomize, tiny_hp
 
 
 def _correlated(n_rows=64, n_cols=96, n_samples=2048, seed=0):
@@ -299,7 +299,7 @@ def test_shipped_train_gpt_wrapper_runs(tmp_path):
     p = tmp_path / "train_gpt.py"
     p.write_bytes(wrapped)
     r = subprocess.run([sys.executable, str(p)], env={**os.environ, "NUM_HEADS": "7"}, capture_output=True,
-                       text=True, cwd=tmp_path, timeout=120)
+                       text=True, cwd=tmp_path, timeout=HANG_TIMEOUT_S)
     assert r.returncode == 2 and "must be divisible by NUM_HEADS=7" in r.stderr, r.stderr[-2000:]
 
 

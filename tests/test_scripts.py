@@ -23,6 +23,7 @@ import make_submission  # noqa: E402
 import runlib  # noqa: E402
 import significance as sig  # noqa: E402
 import summarize_runs  # noqa: E402
+from conftest import HANG_TIMEOUT_S  # noqa: E402
 
 FAKE_CODE = b"# fake train_gpt.py for tests\nprint('hello')\n" + b"x = 1\n" * 50
 STAGE_BPB = {"prequant": 1.0640, "quantized": 1.0725, "quantized_sliding": 1.0700, "quantized_ttt_phased": 1.0599}
@@ -30,7 +31,7 @@ STAGE_BPB = {"prequant": 1.0640, "quantized": 1.0725, "quantized_sliding": 1.070
 
 def run_script(name, *args, env=None, cwd=ROOT):
     return subprocess.run([sys.executable, str(SCRIPTS / name), *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, cwd=cwd, timeout=120)
+                          env={**os.environ, **(env or {})}, cwd=cwd, timeout=HANG_TIMEOUT_S)
 
 
 def make_code(tmp_path, content=FAKE_CODE) -> Path:
@@ -445,14 +446,14 @@ def test_sweep_and_seed_scripts(tmp_path):
     fake = _fake_trainer(tmp_path)
     env = {"TRAIN_CMD": f"{sys.executable} {fake}", "RUNS_ROOT": str(tmp_path / "runs"), "PYTHON": sys.executable,
            "PASS_THROUGH": "yes"}
-    r = subprocess.run(["bash", str(SCRIPTS / "sweep.sh")], capture_output=True, text=True, timeout=120,
+    r = subprocess.run(["bash", str(SCRIPTS / "sweep.sh")], capture_output=True, text=True, timeout=HANG_TIMEOUT_S,
                        env={**os.environ, **env, "SWEEP_VAR": "MATRIX_LR", "SWEEP_VALUES": "0.02 0.03"})
     assert r.returncode == 0, r.stdout + r.stderr
     assert "sweep_matrix_lr_0.02" in r.stdout and "sweep_matrix_lr_0.03" in r.stdout
     assert "1.080000" in r.stdout and "1.090000" in r.stdout
     rec = json.loads((tmp_path / "runs" / "sweep_matrix_lr_0.03" / "run_record.json").read_text())
     assert rec["env_overrides"]["PASS_THROUGH"] == "yes" and rec["run_id"] == "sweep_matrix_lr_0.03"
-    r = subprocess.run(["bash", str(SCRIPTS / "run_seeds.sh")], capture_output=True, text=True, timeout=120,
+    r = subprocess.run(["bash", str(SCRIPTS / "run_seeds.sh")], capture_output=True, text=True, timeout=HANG_TIMEOUT_S,
                        env={**os.environ, **env, "NAME": "exp", "SEEDS": "42 0"})
     assert r.returncode == 0, r.stdout + r.stderr
     assert (tmp_path / "runs" / "exp_seed42" / "run_record.json").exists()
