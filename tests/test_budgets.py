@@ -182,3 +182,31 @@ def test_ttt_row_tokens_is_the_sum_over_chunks():
     for length in (2, 3, 48, 49, 97, 1000, 2049, 5000):
         for C, ctx in ((48, 2048), (32, 128), (64, 64), (48, 2560)):
             assert T.ttt_row_tokens(length, C, ctx) == rows_of(length, C, ctx), (length, C, ctx)
+
+
+def test_score_only_ttt_runs_no_rows_for_finished_documents(monkeypatch, tmp_path):
+    """A batch planned score-only took 262 s where TTTPlan projected ~42 s: the cpu_smoke batch holds one
+    16,649-token document and seven short ones, and every one of its 261 chunks ran all 8 rows, 7 of them padding
+    once the short documents ended. The plan's unit (ttt_row_tokens) must be what the forwards compute."""
+    lengths = [2000] + [40] * 7  # one long document, seven short: sorted longest first into one batch
+    toks = torch.randint(2, 1024, (sum(lengths) - len(lengths) + 1,), generator=torch.Generator().manual_seed(0))
+    starts = [sum(L - 1 for L in lengths[:i]) for i in range(len(lengths))]
+    toks[starts] = 1
+    val = T.ValidationData(toks, torch.ones(toks.numel() - 1, dtype=torch.int32), "synthetic")
+    hp = tiny_hp(TTT_BATCH_SIZE="8")
+    model = randomize(T.GPT(hp, 1, "sdpa"), scale=0.05)
+    model.looping = True
+    docs = T.find_docs(val.tokens, 1)
+    assert sorted(L for _, L in docs) == sorted(lengths)
+    computed = [0]
+    real = T.GPT.forward
+
+    def counting(self, ids, *a, **k):
+        computed[0] += ids.numel()
+        return real(self, ids, *a, **k)
+    monkeypatch.setattr(T.GPT, "forward", counting)
+    board = T.ScoreBoard(val, torch.device("cpu"), True)
+    T.ttt_score_docs(model, val, docs, list(range(len(docs))), hp, cpu_runtime(tmp_path), board, 0)
+    row_tokens = sum(T.ttt_row_tokens(L, hp.ttt_chunk_size, hp.ttt_eval_seq_len) for _, L in docs)
+    assert board.result("ttt", 0.0).tokens == val.num_targets  # every token scored once (keep_losses checks)
+    assert computed[0] <= 1.25 * row_tokens, (computed[0], row_tokens)  # was 7.6x: rows of finished documents
