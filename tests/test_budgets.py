@@ -4,7 +4,9 @@ scoring)."""
 import pytest
 import torch
 
-from conftest import T, cpu_runtime, randomize, tiny_hp
+import sys
+
+from conftest import ROOT, TINY, T, cpu_runtime, randomize, tiny_hp
 
 # The training tests run a few dozen real steps of the smallest model (the fake clock decides the budget).
 SMALL = dict(NUM_LAYERS="2", LOOP_START="0", LOOP_END="0", PARALLEL_START_LAYER="1", XSA_LAST_N="2",
@@ -210,3 +212,19 @@ def test_score_only_ttt_runs_no_rows_for_finished_documents(monkeypatch, tmp_pat
     row_tokens = sum(T.ttt_row_tokens(L, hp.ttt_chunk_size, hp.ttt_eval_seq_len) for _, L in docs)
     assert board.result("ttt", 0.0).tokens == val.num_targets  # every token scored once (keep_losses checks)
     assert computed[0] <= 1.25 * row_tokens, (computed[0], row_tokens)  # was 7.6x: rows of finished documents
+
+
+def test_both_budgets_hold_beside_a_busy_process(sample, tmp_path):
+    """bench/load_budget.py's short form: train_gpt.py at the smallest shape beside one busy loop it starts,
+    15 s of training + Hessians and 15 s of eval. Both budgets hold, every token is scored, nothing is flagged
+    OVER or ERROR."""
+    sys.path.insert(0, ROOT)
+    from bench import load_budget
+    env = {**TINY, **sample, "ITERATIONS": "0", "EVAL_TIME_BUDGET": "15", "GPTQ_RESERVE_SECONDS": "0.25",
+           "SAVE_PREQUANT": "0", "TRAIN_LOG_EVERY": "1000", "OMP_NUM_THREADS": "1"}
+    r = load_budget.run_once(1, 15.0, env, str(tmp_path))
+    assert r["train_budget_ok"] and r["train_plus_hessian_s"] <= 15.0, r
+    assert r["eval_budget_ok"] and r["eval_s"] <= 15.0, r
+    assert r["all_tokens_scored"], r
+    assert not [ln for ln in r["flagged"] if "OVER" in ln or "ERROR" in ln], r["flagged"]
+    assert r["hessian_batches"] >= 1 and r["steps"] > 0, r
