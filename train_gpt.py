@@ -34,6 +34,10 @@ import zlib
 from dataclasses import dataclass, field, fields
 from typing import NamedTuple
 
+if __name__ == "__main__":  # before torch loads OpenMP, whose threads spin-wait by default: on 2 cores shared
+    # with other jobs a cpu_smoke forward + backward took 37-57 s so, 0.7-1.2 s passive (docs/performance.md)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import numpy as np
 import sentencepiece as spm
 import torch
