@@ -216,15 +216,17 @@ def test_score_only_ttt_runs_no_rows_for_finished_documents(monkeypatch, tmp_pat
 
 def test_both_budgets_hold_beside_a_busy_process(sample, tmp_path):
     """bench/load_budget.py's short form: train_gpt.py at the smallest shape beside one busy loop it starts,
-    15 s of training + Hessians and 15 s of eval. Both budgets hold, every token is scored, nothing is flagged
-    OVER or ERROR."""
+    12 s of training + Hessians and 18 s of eval. Both budgets hold, every token is scored, nothing is flagged
+    OVER or ERROR. The eval's fixed part (artifact load, plain eval, probe, scoring) is kept to ~1/3 of its
+    budget on a quiet machine: scoring every token is never cut, so a budget it alone exceeds cannot hold."""
     sys.path.insert(0, ROOT)
     from bench import load_budget
-    env = {**TINY, **sample, "ITERATIONS": "0", "EVAL_TIME_BUDGET": "15", "GPTQ_RESERVE_SECONDS": "0.25",
-           "SAVE_PREQUANT": "0", "TRAIN_LOG_EVERY": "1000", "OMP_NUM_THREADS": "1"}
-    r = load_budget.run_once(1, 15.0, env, str(tmp_path))
-    assert r["train_budget_ok"] and r["train_plus_hessian_s"] <= 15.0, r
-    assert r["eval_budget_ok"] and r["eval_s"] <= 15.0, r
+    env = {**TINY, **sample, "ITERATIONS": "0", "EVAL_TIME_BUDGET": "18", "GPTQ_RESERVE_SECONDS": "0.25",
+           "VAL_MAX_TOKENS": "2048", "EVAL_STRIDE": "0", "TTT_CHUNK_SIZE": "64", "SAVE_PREQUANT": "0",
+           "TRAIN_LOG_EVERY": "1000", "OMP_NUM_THREADS": "1"}
+    r = load_budget.run_once(1, 12.0, env, str(tmp_path))
+    assert r["train_budget_ok"] and r["train_plus_hessian_s"] <= 12.0, (r["train_plus_hessian_s"], r["flagged"])
+    assert r["eval_budget_ok"] and r["eval_s"] <= 18.0, (r["eval_s"], r["load_after"], r["flagged"])
     assert r["all_tokens_scored"], r
     assert not [ln for ln in r["flagged"] if "OVER" in ln or "ERROR" in ln], r["flagged"]
     assert r["hessian_batches"] >= 1 and r["steps"] > 0, r
