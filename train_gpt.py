@@ -35,7 +35,7 @@ from dataclasses import dataclass, field, fields
 from typing import NamedTuple
 
 if __name__ == "__main__":  # before torch loads OpenMP, whose threads spin-wait by default: on 2 cores shared
-    # with other jobs a cpu_smoke forward + backward took 37-57 s so, 0.7-1.2 s passive (docs/performance.md)
+    # with other jobs a cpu_smoke forward + backward took 37-57 s spinning, 0.7-1.2 s passive (docs/performance.md)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
@@ -4070,7 +4070,8 @@ def finish_run(run: Run, trained: Trained, packed: Packed, evaluated: Evaluated)
         train_plus_hessian <= hp.max_wallclock_seconds
     split = record["split_check"] or {}  # None fields: not checked (EVAL_ONLY reads no training data)
     compliance = {"train_plus_hessian_s": train_plus_hessian, "train_budget_s": hp.max_wallclock_seconds,
-                  "train_budget_slack_s": hp.max_wallclock_seconds - train_plus_hessian, "budget_compliant": budget_ok, "eval_time_s": eval_s, "eval_budget_s": hp.eval_time_budget,
+                  "train_budget_slack_s": hp.max_wallclock_seconds - train_plus_hessian, "budget_compliant": budget_ok,
+                  "eval_time_s": eval_s, "eval_budget_s": hp.eval_time_budget,
                   "eval_within_budget": eval_s <= hp.eval_time_budget, "artifact_under_limit": not over,
                   "calibration_source": "training shards (fineweb_train_*), shuffled sequences",
                   "ttt_mode": final.stage if hp.ttt_enabled else "none",

@@ -79,7 +79,8 @@ def run_once(competitors: int, budget: float, env: dict | None = None, out_dir: 
     cuts = ttt.get("cuts", {})
     return {
         "competitors": competitors, "budget_s": budget, "load_before": load_before, "load_after": load_after,
-        "steps": train["steps"], "train_s": train["train_time_ms"] / 1000, "hessian_s": train["hessian_time_ms"] / 1000,
+        "steps": train["steps"], "train_s": train["train_time_ms"] / 1000,
+        "hessian_s": train["hessian_time_ms"] / 1000,
         "hessian_batches": train["hessian_batches"], "planned_batches": rec["config"]["gptq_calibration_batches"],
         "train_plus_hessian_s": comp["train_plus_hessian_s"], "slack_s": train["slack_s"],
         "train_budget_ok": comp["budget_compliant"], "eval_s": comp["eval_time_s"], "eval_budget_s": comp["eval_budget_s"],
