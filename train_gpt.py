@@ -34,6 +34,10 @@ import zlib
 from dataclasses import dataclass, field, fields
 from typing import NamedTuple
 
+if __name__ == "__main__":  # before torch loads OpenMP, whose threads spin-wait by default: on 2 cores shared
+    # with other jobs a cpu_smoke forward + backward took 37-57 s spinning, 0.7-1.2 s passive (docs/performance.md)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import numpy as np
 import sentencepiece as spm
 import torch
@@ -80,9 +84,10 @@ PRESETS: dict[str, dict] = {
         tokenizer_path="./data/tokenizers/offline_sample_1024_bpe.model",
         vocab_size=1024, caseops_enabled=False, num_layers=6, model_dim=128, num_heads=4, num_kv_heads=2,
         train_seq_len=256, eval_seq_len=256, train_batch_tokens=8192, val_batch_tokens=131_072,
-        iterations=1000, max_wallclock_seconds=120.0, gptq_reserve_seconds=2.0, warmup_steps=2,
+        iterations=1000, max_wallclock_seconds=120.0, gptq_reserve_seconds=0.5, warmup_steps=2,
         xsa_last_n=6, loop_start=2, loop_end=3, num_loops=1, parallel_start_layer=4, rope_dims=16,
-        train_log_every=25, val_max_tokens=32_768, gptq_calibration_batches=4, calibration_batch_tokens=8192,
+        train_log_every=25, val_max_tokens=32_768, gptq_calibration_batches=4, gptq_min_calibration_batches=2,
+        calibration_batch_tokens=8192,
         matrix_lr=0.03, tied_embed_lr=0.05, muon_momentum_warmup_steps=100, ema_decay=0.9,
         target_artifact_bytes=2_000_000, eval_stride=128, quant_min_numel=4096, ttt_lora_rank=8,
         ttt_lora_alpha=16.0, ttt_lora_lr=3e-3, ttt_chunk_size=64, ttt_eval_seq_len=256, ttt_batch_size=32,
@@ -191,8 +196,11 @@ class Hyperparameters:
     min_lr: float = setting(0.1, OPTIM, lo=0)
     enable_looping_at: float = setting(0.35, OPTIM, lo=0, hi=1)
     # ---- quantization and artifact -------------------------------------------------------------------------
-    gptq_reserve_seconds: float = setting(8.0, QUANT, lo=0)  # margin on top of the measured Hessian estimate (§11)
-    gptq_calibration_batches: int = setting(16, QUANT, lo=0)
+    gptq_reserve_seconds: float = setting(1.0, QUANT, lo=0)  # budget end kept free: a last calibration batch slower
+                                                             # than those before it still ends inside (§11)
+    gptq_calibration_batches: int = setting(16, QUANT, lo=0)  # the batches training leaves time for (more fill a
+                                                              # leftover, fewer if the budget runs out first)
+    gptq_min_calibration_batches: int = setting(4, QUANT, lo=1)  # collected even past the budget (logged as such)
     calibration_batch_tokens: int = setting(98_304, QUANT, above=0)  # tokens per rank per batch (48 x 2048)
     quant_min_numel: int = setting(65_536, QUANT, lo=0)  # float matrices up to this size stay fp16 (spec §5.3)
     matrix_bits: int = setting(6, QUANT, lo=2, hi=8)
@@ -1816,8 +1824,8 @@ def training_fraction(elapsed_s: float, step: int, hp: Hyperparameters, hessian_
 def stop_reason(elapsed_s: float, step: int, next_step_s: float, hp: Hyperparameters,
                 hessian_estimate_s: float) -> str:
     """'' to go on; else why training stops. The wall-clock rule stops when the next step (as TrainBudget
-    predicts it) would not fit before the reserved Hessian time: training + Hessians end inside
-    MAX_WALLCLOCK_SECONDS."""
+    predicts it) would not fit before the estimated Hessian time; the collection then stops at the budget
+    itself (CalibrationDeadline), so the estimate only decides how the budget is shared."""
     if hp.iterations and step >= hp.iterations:
         return "iterations"
     if hp.max_wallclock_seconds > 0 and elapsed_s + next_step_s > usable_train_seconds(hp, hessian_estimate_s):
@@ -1909,14 +1917,14 @@ def calibration_loader(hp: Hyperparameters, rt: Runtime, files: list[str]) -> Sh
                                   rt.device, hp.seed + 1)
 
 
-HESSIAN_ESTIMATE_SAFETY = 1.5  # measured per-batch Hessian time x this factor: covers jitter and GPTQ setup
 MIN_TRAIN_BUDGET_FRACTION = 0.5  # a config whose reserved Hessian time leaves less of the budget is refused
 
 
 def probe_hessian_seconds(model: GPT, hp: Hyperparameters, rt: Runtime, train_files: list[str], clock) -> float:
     """Time one calibration batch exactly as collect_hessians() will run them after training (same loader,
-    model state, eval mode, looping as training ends); return the reserved estimate. Raises ConfigError when
-    it leaves less than MIN_TRAIN_BUDGET_FRACTION of MAX_WALLCLOCK_SECONDS for training."""
+    model state, eval mode, looping as training ends); return the time GPTQ_CALIBRATION_BATCHES of them take,
+    which training leaves free (the collection itself stops at the budget: CalibrationDeadline). Raises
+    ConfigError when that leaves less than MIN_TRAIN_BUDGET_FRACTION of MAX_WALLCLOCK_SECONDS for training."""
     model.looping = hp.num_loops > 0
     calib = calibration_loader(hp, rt, train_files)
     collect_hessians(model, calib, 1, hp, rt)  # first call pays one-off costs (allocator, attention compile)
@@ -1926,19 +1934,57 @@ def probe_hessian_seconds(model: GPT, hp: Hyperparameters, rt: Runtime, train_fi
     sync_device(rt.device)  # CUDA work is asynchronous: time it to completion
     per_batch = agree_elapsed(clock() - t0, rt.device)
     model.looping = False
-    estimate = HESSIAN_ESTIMATE_SAFETY * per_batch * hp.gptq_calibration_batches
+    estimate = per_batch * hp.gptq_calibration_batches
     left = usable_train_seconds(hp, estimate)
-    rt.logger.log(f"hessian_estimate: {estimate:.2f}s ({hp.gptq_calibration_batches} batches x {per_batch * 1000:.0f}ms"
-                  f" x {HESSIAN_ESTIMATE_SAFETY}) + reserve {hp.gptq_reserve_seconds:.1f}s; training budget {left:.1f}s")
+    rt.logger.log(f"hessian_estimate: {estimate:.2f}s ({hp.gptq_calibration_batches} batches x {per_batch * 1000:.0f}ms)"
+                  f" + reserve {hp.gptq_reserve_seconds:.1f}s; training budget {left:.1f}s")
     if left < MIN_TRAIN_BUDGET_FRACTION * hp.max_wallclock_seconds:
         raise ConfigError(
             f"MAX_WALLCLOCK_SECONDS={hp.max_wallclock_seconds:g}: collecting Hessians is estimated at {estimate:.1f}s "
             f"(GPTQ_CALIBRATION_BATCHES={hp.gptq_calibration_batches} x CALIBRATION_BATCH_TOKENS="
-            f"{hp.calibration_batch_tokens} tokens per rank, {per_batch:.2f}s per batch measured, x "
-            f"{HESSIAN_ESTIMATE_SAFETY} margin) + GPTQ_RESERVE_SECONDS={hp.gptq_reserve_seconds:g}, leaving {left:.1f}s "
-            f"for training, under {MIN_TRAIN_BUDGET_FRACTION:.0%} of the budget. Lower GPTQ_CALIBRATION_BATCHES or "
+            f"{hp.calibration_batch_tokens} tokens per rank, {per_batch:.2f}s per batch measured) + "
+            f"GPTQ_RESERVE_SECONDS={hp.gptq_reserve_seconds:g}, leaving {left:.1f}s for training, under "
+            f"{MIN_TRAIN_BUDGET_FRACTION:.0%} of the budget. Lower GPTQ_CALIBRATION_BATCHES or "
             f"CALIBRATION_BATCH_TOKENS, or raise MAX_WALLCLOCK_SECONDS")
     return estimate
+
+
+class CalibrationDeadline:
+    """When Hessian collection stops, so that training + Hessians end inside MAX_WALLCLOCK_SECONDS whatever the
+    estimate said: another batch starts only while the slowest one so far, begun now, still ends `seconds`
+    after `t0`; never before `floor` batches (GPTQ needs data: those may run past it, `forced` counts them),
+    never past `most`. Decided on the ranks' agreed (slowest) clock, so every rank stops at the same batch."""
+
+    def __init__(self, seconds: float, floor: int, most: float, device: torch.device, t0: float,
+                 clock=time.perf_counter):
+        self.seconds, self.floor, self.most, self.device, self.t0, self.clock = seconds, floor, most, device, t0, clock
+        self.batches, self.forced, self.elapsed, self.slowest = 0, 0, 0.0, 0.0
+
+    def another(self) -> bool:
+        sync_device(self.device)  # the batch before must have run to be timed
+        elapsed = agree_elapsed(self.clock() - self.t0, self.device)
+        if self.batches:
+            self.slowest = max(self.slowest, elapsed - self.elapsed)
+        self.elapsed = elapsed
+        fits = elapsed + self.slowest <= self.seconds
+        go = self.batches < self.floor or (fits and self.batches < self.most)
+        self.forced += go and not fits
+        self.batches += go
+        return go
+
+
+def calibration_deadline(hp: Hyperparameters, res: TrainResult, device: torch.device, t0: float,
+                         clock=time.perf_counter) -> CalibrationDeadline | None:
+    """The Hessian collection's share of the budget: what training left of MAX_WALLCLOCK_SECONDS minus
+    GPTQ_RESERVE_SECONDS. After a wall-clock stop the whole share is used (more batches than planned when the
+    estimate was high: an idle rest would be slack); after an ITERATIONS stop at most the planned batches.
+    None in fixed-step mode (no budget: exactly GPTQ_CALIBRATION_BATCHES)."""
+    if hp.max_wallclock_seconds <= 0:
+        return None
+    seconds = hp.max_wallclock_seconds - res.train_time_ms / 1000 - hp.gptq_reserve_seconds
+    most = math.inf if res.stop_reason == "wallclock_cap" else hp.gptq_calibration_batches
+    floor = max(1, min(hp.gptq_min_calibration_batches, hp.gptq_calibration_batches))
+    return CalibrationDeadline(seconds, floor, most, device, t0, clock)
 
 
 def make_train_step(hp: Hyperparameters, rt: Runtime, model: GPT, opt: Optimizers):
@@ -2120,9 +2166,11 @@ def hessian_taps(model: GPT) -> dict[nn.Module, list[str]]:
 
 
 @torch.no_grad()
-def collect_hessians(model: GPT, loader, batches: int, hp: Hyperparameters, rt: Runtime) -> dict[str, torch.Tensor]:
+def collect_hessians(model: GPT, loader, batches: int, hp: Hyperparameters, rt: Runtime,
+                     deadline: CalibrationDeadline | None = None) -> dict[str, torch.Tensor]:
     """H = mean over batches of X^T X for the input of every quantized linear map, from TRAINING data
-    (the loader reads only fineweb_train_* files), summed across ranks (one per hessian_taps() module)."""
+    (the loader reads only fineweb_train_* files), summed across ranks (one per hessian_taps() module).
+    `batches` batches, or with a deadline as many as it lets start (its .batches)."""
     taps = hessian_taps(model)
     sums: dict[nn.Module, torch.Tensor] = {}
 
@@ -2137,8 +2185,10 @@ def collect_hessians(model: GPT, loader, batches: int, hp: Hyperparameters, rt: 
     hooks = [mod.register_forward_hook(hook) for mod in taps]
     was_training = model.training
     model.eval()
+    n = 0
     try:
-        for _ in range(batches):
+        while deadline.another() if deadline is not None else n < batches:
+            n += 1
             x, _y = loader.next_batch()
             with autocast_context(hp, rt.device):
                 model.forward_hidden(x)
@@ -2151,7 +2201,7 @@ def collect_hessians(model: GPT, loader, batches: int, hp: Hyperparameters, rt: 
         H = sums[mod]
         if rt.world_size > 1:
             all_reduce_(H)
-        H /= batches * rt.world_size
+        H /= n * rt.world_size
         out.update(dict.fromkeys(names, H))
     return out
 
@@ -3446,7 +3496,6 @@ def ttt_score_docs(model: GPT, val: ValidationData, docs, my_docs: list[int], hp
         p.requires_grad_(False)
     left = sum(ttt_row_tokens(lengths[d], ttt_chunk_for(hp, lengths[d]), ctx) for d in order)  # row tokens left
     for b0, batch in enumerate(ttt_batches(order, docs, hp)):
-        n_rows = -(-len(batch) // rows) * rows if fwd is not model else len(batch)  # eager: no padding needed
         steps = grad_steps
         opt = None
         if lora is not None:
@@ -3460,8 +3509,12 @@ def ttt_score_docs(model: GPT, val: ValidationData, docs, my_docs: list[int], hp
         C = ttt_chunk_for(hp, docs[batch[0]][1])
         n_chunks = max(-(-(docs[d][1] - 1) // C) for d in batch)
         for c in range(n_chunks):
+            # Rows end at the last document with a chunk c (a batch runs longest first): a finished document's
+            # padding row cost as much as a live one, 7 of 8 rows for 171 of 261 chunks of the cpu_smoke batch.
+            live = max(i for i, d in enumerate(batch) if c * C < docs[d][1] - 1) + 1
+            n_rows = -(-live // rows) * rows if fwd is not model else live  # compiled: whole forwards of `rows`
             X, Y, spans, H, Bo = (t.to(rt.device) if isinstance(t, torch.Tensor) else t
-                                  for t in _ttt_rows(val.tokens, docs, batch, c, C, ctx, n_rows, hints))
+                                  for t in _ttt_rows(val.tokens, docs, batch[:live], c, C, ctx, n_rows, hints))
             chunk_tokens = sum(sp.hi for sp in spans if sp is not None)  # row tokens (a row ends at its span)
             if plan is not None:
                 steps = plan.grad_steps_for(left, steps, later_s)
@@ -3805,6 +3858,7 @@ class Packed(NamedTuple):
     code_bytes: int               # bytes of the shipped code (counted with the artifact)
     hessian_s: float              # seconds of Hessian collection (0: none in this run)
     unfitted_bpb: float = 0.0     # quantized val_bpb of the first packing when it was over the limit and refitted
+    hessian_batches: int = 0      # calibration batches collected (CalibrationDeadline decides under a budget)
 
 
 class Evaluated(NamedTuple):
@@ -3884,22 +3938,33 @@ def quantize_stage(run: Run, trained: Trained) -> Packed:
     run.log(r.line().replace("prequant", "diagnostic pre-quantization post-ema", 1))
     t0 = time.perf_counter()
     saved_h = os.path.join(os.path.dirname(hp.requant_from), "hessians.pt") if hp.requant_from else ""
-    if saved_h and os.path.isfile(saved_h):  # a sweep reuses the run's Hessians: no training data needed
+    deadline, reused = None, bool(saved_h) and os.path.isfile(saved_h)
+    if reused:  # a sweep reuses the run's Hessians: no training data needed
         hessians = torch.load(saved_h, map_location=rt.device)
         run.log(f"GPTQ:reusing {len(hessians)} Hessians from {saved_h}")
     else:
+        deadline = None if hp.requant_from else calibration_deadline(hp, trained.result, rt.device, t0)
         run.log(f"GPTQ:collecting Hessians from calibration data (training shards, {hp.gptq_calibration_batches} "
-                f"batches x {hp.calibration_batch_tokens} tokens/rank)...")
+                f"batches x {hp.calibration_batch_tokens} tokens/rank"
+                + (f", until {deadline.seconds:.1f}s from now)..." if deadline else ")..."))
         hessians = collect_hessians(model, calibration_loader(hp, rt, run.train_files), hp.gptq_calibration_batches,
-                                    hp, rt)
-        if hp.save_prequant and rt.is_main:
-            save_torch(os.path.join(rt.run_dir, "hessians.pt"), hessians)
+                                    hp, rt, deadline)
     hessian_s = time.perf_counter() - t0
-    run.log(f"GPTQ:collected {len(hessians)} Hessians in {hessian_s:.1f}s")
+    batches = deadline.batches if deadline else hp.gptq_calibration_batches
+    run.log(f"GPTQ:collected {len(hessians)} Hessians from {batches} calibration batches in {hessian_s:.1f}s")
+    if deadline and deadline.forced:
+        run.log(f"WARNING: GPTQ calibration: the training budget ran out after {batches - deadline.forced} batches, "
+                f"under GPTQ_MIN_CALIBRATION_BATCHES={deadline.floor}; collected {deadline.floor} anyway, past "
+                f"MAX_WALLCLOCK_SECONDS. To stay inside it: raise GPTQ_RESERVE_SECONDS, lower CALIBRATION_BATCH_TOKENS "
+                f"or GPTQ_MIN_CALIBRATION_BATCHES, or run on a less loaded machine")
+    if not reused and hp.save_prequant and rt.is_main:  # after the timer: writing reads no training data
+        save_torch(os.path.join(rt.run_dir, "hessians.pt"), hessians)
     total = trained.result.train_time_ms / 1000 + hessian_s
+    slack = hp.max_wallclock_seconds - total
     if hp.max_wallclock_seconds > 0 and not hp.requant_from:
         run.log(f"budget: train_time:{trained.result.train_time_ms / 1000:.1f}s hessian_time:{hessian_s:.1f}s sum:"
-                f"{total:.1f}s / {hp.max_wallclock_seconds:.0f}s {'OK' if total <= hp.max_wallclock_seconds else 'OVER'}")
+                f"{total:.1f}s / {hp.max_wallclock_seconds:.0f}s {'OK' if slack >= 0 else 'OVER'} slack:{slack:.2f}s "
+                f"({slack / hp.max_wallclock_seconds:.2%})")
     else:
         run.log("budget: fixed-step mode (MAX_WALLCLOCK_SECONDS=0 or REQUANT_FROM): not budget-compliant")
     shipped, code_kind = shipped_code(run.source)
@@ -3928,7 +3993,7 @@ def quantize_stage(run: Run, trained: Trained) -> Packed:
         write_atomic(os.path.join(rt.run_dir, "train_gpt_shipped.py"), shipped)
     if rt.distributed:
         dist.barrier()
-    return Packed(path, len(shipped), hessian_s, unfitted_bpb)
+    return Packed(path, len(shipped), hessian_s, unfitted_bpb, batches)
 
 
 def quantize_and_pack(run: Run, state: dict[str, torch.Tensor], hessians: dict[str, torch.Tensor], cfg: dict,
@@ -4005,7 +4070,8 @@ def finish_run(run: Run, trained: Trained, packed: Packed, evaluated: Evaluated)
         train_plus_hessian <= hp.max_wallclock_seconds
     split = record["split_check"] or {}  # None fields: not checked (EVAL_ONLY reads no training data)
     compliance = {"train_plus_hessian_s": train_plus_hessian, "train_budget_s": hp.max_wallclock_seconds,
-                  "budget_compliant": budget_ok, "eval_time_s": eval_s, "eval_budget_s": hp.eval_time_budget,
+                  "train_budget_slack_s": hp.max_wallclock_seconds - train_plus_hessian, "budget_compliant": budget_ok,
+                  "eval_time_s": eval_s, "eval_budget_s": hp.eval_time_budget,
                   "eval_within_budget": eval_s <= hp.eval_time_budget, "artifact_under_limit": not over,
                   "calibration_source": "training shards (fineweb_train_*), shuffled sequences",
                   "ttt_mode": final.stage if hp.ttt_enabled else "none",
@@ -4019,7 +4085,8 @@ def finish_run(run: Run, trained: Trained, packed: Packed, evaluated: Evaluated)
     record.update({
         "train": {"steps": res.steps, "train_time_ms": res.train_time_ms, "step_avg_ms": res.step_avg_ms,
                   "tokens_per_s": res.tokens_per_s, "hessian_time_ms": packed.hessian_s * 1000,
-                  "hessian_estimate_s": res.hessian_estimate_s, "budget_s": hp.max_wallclock_seconds,
+                  "hessian_estimate_s": res.hessian_estimate_s, "hessian_batches": packed.hessian_batches,
+                  "budget_s": hp.max_wallclock_seconds, "slack_s": hp.max_wallclock_seconds - train_plus_hessian,
                   "budget_compliant": budget_ok,
                   "stop_reason": res.stop_reason or ("eval_only" if hp.eval_only else "requant")},
         "stages": {k: {"val_loss": v.val_loss, "val_bpb": v.val_bpb, "eval_time_ms": v.time_ms, "tokens": v.tokens,
