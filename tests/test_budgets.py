@@ -97,8 +97,10 @@ class TimedBatches:
 
 def calibrate(tmp_path, cost, stop_reason="wallclock_cap", train_s=90.0, **env):
     """collect_hessians under calibration_deadline() after `train_s` of training in a 100 s budget."""
-    hp = tiny_hp(MAX_WALLCLOCK_SECONDS="100", GPTQ_RESERVE_SECONDS="1", GPTQ_CALIBRATION_BATCHES="4", **env)
-    model = randomize(T.GPT(hp, 1, "sdpa"), scale=0.05)
+    hp = tiny_hp(MAX_WALLCLOCK_SECONDS="100", GPTQ_RESERVE_SECONDS="1", GPTQ_CALIBRATION_BATCHES="4",
+                 NUM_LAYERS="1", XSA_LAST_N="1", NUM_LOOPS="0", LOOP_START="0", LOOP_END="0",
+                 PARALLEL_START_LAYER="0", **env)
+    model = T.GPT(hp, 1, "sdpa")
     batches = TimedBatches(cost)
     res = T.TrainResult(train_time_ms=train_s * 1000, stop_reason=stop_reason)
     deadline = T.calibration_deadline(hp, res, torch.device("cpu"), 0.0, clock=lambda: batches.now)
