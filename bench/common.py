@@ -56,7 +56,7 @@ SMOKE_SHAPE = dict(
     XSA_LAST_N="4", LOOP_START="1", LOOP_END="2", NUM_LOOPS="1", PARALLEL_START_LAYER="3", ROPE_DIMS="16",
     TTT_EVAL_SEQ_LEN="128", TTT_CHUNK_SIZE="32", TTT_BATCH_SIZE="8", TTT_LORA_RANK="4",
     PHASED_TTT_PREFIX_DOCS="4", GLOBAL_TTT_CHUNK_TOKENS="1024", EVAL_STRIDE="64",
-    GPTQ_RESERVE_SECONDS="0")  # a 2-3 s budget: cpu_smoke's 2 s reserve would leave under half for training
+    GPTQ_RESERVE_SECONDS="0")  # a 2-3 s budget: any reserve is a large share of it
 
 
 def env_fields() -> dict:
