@@ -218,9 +218,11 @@ def _floor(tensors: dict) -> float:
     return CANCELLATION_FLOOR * max(t.abs().max().item() for t in tensors.values())
 
 
-# fp32 reduction-order noise: gradients of 2 vs 4 rows summed in another order differ by ~1e-7 of their scale;
-# three steps of Newton-Schulz and momentum amplify that by at most ~100x.
-GRAD_REL, UPDATE_REL, MOMENT_REL = 1e-5, 1e-4, 1e-4
+# Step 0 starts both runs from the same weights: only fp32 reduction order differs (gradients of 2 vs 4 rows summed
+# in another order: ~1e-7 of their scale; Newton-Schulz amplifies it ~10x). From step 1 on the weights differ too,
+# where Adam moved a near-zero-gradient element by ~lr x sign: later gradients then drift by up to ~1.2e-5 of their
+# scale (measured, 1 thread, ATEN_CPU_CAPABILITY=default), hence the looser DRIFT_REL. A sharding bug is off by O(1).
+GRAD_REL, UPDATE_REL, DRIFT_REL = 1e-5, 1e-4, 1e-3
 CANCELLATION_FLOOR = 1e-3  # a tensor's scale is at least this fraction of the stage's largest value
 
 
@@ -229,14 +231,14 @@ def sharding_mismatches(one: dict, two: dict) -> list[str]:
     bad = []
     for stage, rel in (("muon_grad", GRAD_REL), ("adam_grad", GRAD_REL), ("muon_delta", UPDATE_REL)):
         for step, (a, b) in enumerate(zip(one[stage], two[stage])):
-            fl = _floor(a)
-            bad += [f"step{step} {stage} {n}" for n in a if not _close(a[n], b[n], rel, fl)]
+            fl, tol = _floor(a), rel if step == 0 else DRIFT_REL
+            bad += [f"step{step} {stage} {n}" for n in a if not _close(a[n], b[n], tol, fl)]
     for step, (a, b) in enumerate(zip(one["clip_scale"], two["clip_scale"])):
-        if not torch.allclose(a, b, rtol=GRAD_REL, atol=0):
+        if not torch.allclose(a, b, rtol=GRAD_REL if step == 0 else DRIFT_REL, atol=0):
             bad.append(f"step{step} clip_scale {a.item():.6g} vs {b.item():.6g}")
-    for key in ("exp_avg", "exp_avg_sq"):
+    for key in ("exp_avg", "exp_avg_sq"):  # after every step: drifted
         fl = _floor(one[key])
-        bad += [f"{key} {n}" for n in one[key] if not _close(one[key][n], two[key][n], MOMENT_REL, fl)]
+        bad += [f"{key} {n}" for n in one[key] if not _close(one[key][n], two[key][n], DRIFT_REL, fl)]
     for n in one["adam_names"]:
         # Adam's step is lr * m / (sqrt(v) + eps): sign-like where sqrt(v) is at the reordering noise floor
         v = one["exp_avg_sq"][n].sqrt()
