@@ -56,8 +56,9 @@ def randomize(model: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> torc
     return gpu_check.randomize(model, seed, scale)
 
 
-def cpu_runtime(tmp_path, world=1, rank=0):
-    return T.Runtime(rank, world, 0, torch.device("cpu"), False, 8 // world, str(tmp_path),
+def cpu_runtime(tmp_path, world=1, rank=0, grad_accum=None):
+    """The runtime of rank `rank` of `world` on CPU; gradient accumulation 8 // world as train_gpt's, unless given."""
+    return T.Runtime(rank, world, 0, torch.device("cpu"), False, grad_accum or 8 // world, str(tmp_path),
                      T.RunLogger([], enabled=False))
 
 

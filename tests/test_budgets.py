@@ -8,9 +8,10 @@ import sys
 
 from conftest import ROOT, TINY, T, cpu_runtime, randomize, tiny_hp
 
-# The training tests run a few dozen real steps of the smallest model (the fake clock decides the budget).
+# The training tests run a few dozen real steps of the smallest model (the fake clock decides the budget), each
+# step one 128-token row (no gradient accumulation: the stop rule sees optimizer steps, not micro-steps).
 SMALL = dict(NUM_LAYERS="2", LOOP_START="0", LOOP_END="0", PARALLEL_START_LAYER="1", XSA_LAST_N="2",
-             TRAIN_BATCH_TOKENS="1024")
+             TRAIN_BATCH_TOKENS="128")
 
 
 def fake_training(monkeypatch, step_s, hessian_batch_s):
@@ -35,7 +36,8 @@ def fake_training(monkeypatch, step_s, hessian_batch_s):
 def run_train(hp, tmp_path, clock):
     sp = T.load_tokenizer(hp.tokenizer_path, hp.vocab_size)
     model = T.GPT(hp, T.build_byte_luts(sp, hp.vocab_size).bos_id, "sdpa")
-    return T.train(hp, cpu_runtime(tmp_path), model, T.list_shards(hp.data_path, "train"), None, None, clock=clock)[0]
+    return T.train(hp, cpu_runtime(tmp_path, grad_accum=1), model, T.list_shards(hp.data_path, "train"), None, None,
+                   clock=clock)[0]
 
 
 def test_budget_without_training_time_is_refused_before_training(sample, tmp_path, monkeypatch):
