@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import builtins
+import contextlib
 import copy
 import dataclasses
 import datetime
@@ -45,7 +46,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import zstandard
-from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 # =============================================================================================
 # Config: Hyperparameters (one field per env var), presets, validation.
@@ -812,11 +813,15 @@ class PackedDocumentLoader:
         self.stream = TokenStream(files)
         self.rank, self.world, self.local, self.seq_len, self.device = rank, world_size, local_tokens, seq_len, device
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def next_host_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y) on the CPU: the training step derives FlashAttention's cu_seqlens from them (attention_extras)."""
         span = self.local + 1
         chunk = self.stream.take(self.world * span)
         mine = torch.from_numpy(chunk[self.rank * span: (self.rank + 1) * span])
-        x, y = mine[None, :-1], mine[None, 1:]
+        return mine[None, :-1], mine[None, 1:]
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.next_host_batch()
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
 
@@ -848,6 +853,10 @@ class ShuffledSequenceLoader:
             self.starts.append(list(perm[self.rank::self.world]))
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.next_host_batch()
+        return x.to(self.device), y.to(self.device)
+
+    def next_host_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         rows = []
         for _ in range(self.batch):
             left = np.array([len(s) for s in self.starts], dtype=np.float64)
@@ -858,7 +867,7 @@ class ShuffledSequenceLoader:
             s = int(self.starts[i].pop())
             rows.append(np.asarray(load_shard(self.files[i])[s: s + self.seq_len + 1], dtype=np.int64))
         t = torch.from_numpy(np.stack(rows))
-        return t[:, :-1].to(self.device), t[:, 1:].to(self.device)
+        return t[:, :-1], t[:, 1:]
 
 
 def segment_starts(ids: torch.Tensor, bos_id: int, piece_len: int = 0) -> torch.Tensor:
@@ -877,9 +886,14 @@ def last_start(starts: torch.Tensor) -> torch.Tensor:
     return torch.cummax(torch.where(starts, col, 0), dim=-1).values
 
 
-# FlashAttention's varlen boundaries live in a tensor of fixed length so that torch.compile sees one shape
-# whatever the document count: room for every row start plus one document per this many tokens (FineWeb
-# averages ~960 tokens per document, spec §7.4); a batch beyond it stops with a device-side assert.
+# FlashAttention's varlen kernels launch tiles for every segment of cu_seqlens, empty ones included, and the
+# backward sizes its fp32 dq/dk/dv accumulators by tokens + 128 x segments. Compiled forwards therefore get
+# cu_seqlens from the host (varlen_cu_seqlens: the real segments, padded to a multiple of FA3_CU_MULTIPLE, the
+# record's buckets) as an input whose length is a dynamic dimension: one graph for every bucket, no host sync.
+FA3_CU_MULTIPLE = 64
+# The in-graph fallback (a compiled caller without host tokens) holds every row start plus one document per this
+# many tokens (FineWeb averages ~960 tokens per document, spec §7.4); a batch beyond it stops with a device-side
+# assert. At [1, 98304] that is 6,145 segments for ~100 documents: callers that can pass varlen_cu_seqlens do.
 FA3_MIN_MEAN_DOC_TOKENS = 16
 
 
@@ -887,10 +901,21 @@ def cu_seqlens_capacity(B: int, T: int) -> int:
     return B + -(-B * T // FA3_MIN_MEAN_DOC_TOKENS)
 
 
+def varlen_cu_seqlens(ids: torch.Tensor, bos_id: int, piece_len: int = 0) -> torch.Tensor:
+    """cu_seqlens of CPU token rows [B, T], computed on the host before they go to the device: the segments of
+    segment_starts (row starts, BOS, piece cuts), then B*T repeated up to a multiple of FA3_CU_MULTIPLE segments
+    (empty segments launch nothing worth counting). int32 [round_up(segments, 64) + 1]. No scalar is read back."""
+    assert ids.device.type == "cpu", "varlen_cu_seqlens runs on the host copy of the tokens"
+    B, T = ids.shape
+    pos = torch.nonzero(segment_starts(ids, bos_id, piece_len).reshape(-1)).flatten().to(torch.int32)
+    cap = -(-pos.numel() // FA3_CU_MULTIPLE) * FA3_CU_MULTIPLE
+    return torch.cat([pos, pos.new_full((cap - pos.numel() + 1,), B * T)])
+
+
 def cu_seqlens_from_segments(seg: torch.Tensor) -> torch.Tensor:
-    """Flattened varlen boundaries (FlashAttention): a segment starts at each row start and each BOS, so no
-    segment is longer than the row (max_seqlen = T). Static length cu_seqlens_capacity(B, T) + 1: the unused
-    tail repeats B*T (empty segments). Traceable: no host sync, no data-dependent shape."""
+    """Flattened varlen boundaries (FlashAttention), the in-graph fallback: a segment starts at each row start and
+    each BOS, so no segment is longer than the row (max_seqlen = T). Static length cu_seqlens_capacity(B, T) + 1:
+    the unused tail repeats B*T (empty segments). Traceable: no host sync, no data-dependent shape."""
     B, T = seg.shape
     starts = torch.cat([torch.ones_like(seg[:, :1], dtype=torch.bool), seg[:, 1:] != seg[:, :-1]], 1).reshape(-1)
     cap = cu_seqlens_capacity(B, T)
@@ -940,6 +965,48 @@ def choose_attention_backend(hp: Hyperparameters, device: torch.device) -> str:
     return "sdpa" if requested == "sdpa" else "flex"
 
 
+def fa3_fullgraph_problem(device: torch.device) -> str | None:
+    """Why torch.compile(fullgraph=True) cannot trace flash_attn_interface's varlen call, or None when it can: FA3
+    wheels that register their kernels with torch.library trace; older ones call the C extension from a plain
+    autograd.Function, a graph break that would stop the run at its first compiled step. A tiny forward and
+    backward on `device`, compiled with aot_eager (seconds, before any training)."""
+    try:
+        from flash_attn_interface import flash_attn_varlen_func
+    except ImportError as e:
+        return f"flash_attn_interface is not importable ({e})"
+
+    def attend(q, k, v, cu):
+        out = flash_attn_varlen_func(q, k, v, cu, cu, 64, 64, causal=True)
+        return out[0] if isinstance(out, tuple) else out
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(128, h, 64, generator=g).to(device, torch.bfloat16).requires_grad_() for h in (2, 1, 1))
+    cu = torch.tensor([0, 64, 128], dtype=torch.int32, device=device)
+    try:
+        torch.compile(attend, backend="aot_eager", fullgraph=True)(q, k, v, cu).float().sum().backward()
+    except Exception as e:
+        return f"its varlen call does not compile with fullgraph=True ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
+    return None
+
+
+def attention_backend_for_run(hp: Hyperparameters, device: torch.device) -> tuple[str, str]:
+    """(backend, why): choose_attention_backend, then, when FA3 would run compiled, fa3_fullgraph_problem. An FA3
+    that does not trace falls back to flex under ATTN_BACKEND=auto and is refused under ATTN_BACKEND=flash3,
+    before any data is read (a graph break would otherwise surface at the first training step)."""
+    backend = choose_attention_backend(hp, device)
+    why = {"flash3": "flash_attn_interface importable", "flex": "FlexAttention (no importable FA3)",
+           "sdpa": "SDPA"}.get(backend, backend)
+    if backend == "flash3" and compile_enabled(hp, device):
+        problem = fa3_fullgraph_problem(device)
+        if problem and hp.attn_backend == "flash3":
+            raise ConfigError(f"ATTN_BACKEND=flash3 with torch.compile: {problem}. Install an FA3 build that "
+                              f"registers torch.library ops (docs/runpod_guide.md), or use ATTN_BACKEND=auto")
+        if problem:
+            backend = "flex" if device.type == "cuda" else "sdpa"
+            return backend, f"FA3 importable but {problem}: using {backend}"
+        why += ", varlen call traced with fullgraph=True"
+    return backend, why
+
+
 def document_causal_mask(seg: torch.Tensor) -> torch.Tensor:
     T = seg.size(1)
     causal = torch.ones(T, T, dtype=torch.bool, device=seg.device).tril()
@@ -964,24 +1031,43 @@ def banded_causal_mask(seg: torch.Tensor, piece_len: int) -> torch.Tensor:
     return ((seg[..., :, None] == seg_k[..., None, :]) & (idx[..., :, None] >= idx_k[..., None, :]))[:, :, None]
 
 
-def flex_block_mask(seg: torch.Tensor, rows_are_docs: bool):
-    B, T = seg.shape
+FLEX_BLOCK = 128  # FlexAttention's default sparse block
 
-    def causal(b, h, qi, ki):
-        return qi >= ki
+
+def _causal(b, h, qi, ki):
+    return qi >= ki
+
+
+def causal_block_mask(T, max_len: int, device) -> BlockMask:
+    """Plain causal BlockMask for rows of T <= max_len + FLEX_BLOCK tokens, its block tensors sized by max_len,
+    not T: a mask of ceil(T/128) blocks specializes T <= 128 (one block) and TTT compiled twice per graph. Row i
+    of blocks: the diagonal block (masked by _causal), then the i blocks before it, fully visible."""
+    n = -(-max_len // FLEX_BLOCK) + 1
+    idx = torch.arange(n, device=device, dtype=torch.int32)
+    diag_first = ((idx[:, None] + idx[None, :]) % n)[None, None].contiguous()
+    return BlockMask.from_kv_blocks(torch.ones_like(idx)[None, None], diag_first, idx[None, None],
+                                    idx.expand(n, n)[None, None].contiguous(), FLEX_BLOCK, _causal, (T, T))
+
+
+def flex_block_mask(seg: torch.Tensor, rows_are_docs: bool, max_len: int = 0):
+    B, T = seg.shape
+    if rows_are_docs:
+        return causal_block_mask(T, max_len or T, seg.device)
 
     def doc_causal(b, h, qi, ki):
         return (qi >= ki) & (seg[b, qi] == seg[b, ki])
     # outside a compiled graph, build the mask with a compiled kernel rather than a dense [B, T, T] tensor
-    return create_block_mask(causal if rows_are_docs else doc_causal, B, None, T, T, device=seg.device,
-                             _compile=not torch.compiler.is_compiling())
+    return create_block_mask(doc_causal, B, None, T, T, device=seg.device, _compile=not torch.compiler.is_compiling())
 
 
 def prepare_attention(backend: str, ids: torch.Tensor, bos_id: int, rows_are_docs: bool = False,
-                      piece_len: int = 0) -> DocStructure:
+                      piece_len: int = 0, cu_seqlens: torch.Tensor | None = None, max_len: int = 0) -> DocStructure:
     """Document structure for a backend. rows_are_docs: the caller guarantees one document per row (TTT), so
     attention is plain causal and the structure does not depend on the tokens (symbolic row widths compile).
-    piece_len: documents are also cut every piece_len tokens (packed training rows)."""
+    piece_len: documents are also cut every piece_len tokens (packed training rows). cu_seqlens (flash3):
+    varlen_cu_seqlens of the same rows, from the host (attention_extras); without it a compiled forward uses the
+    fixed-capacity fallback and an eager one computes it from a host copy. max_len (flex, rows_are_docs): the
+    longest row the model runs, the static size of the causal block mask."""
     B, T = ids.shape
     longest = min(T, piece_len) if piece_len else T
     if rows_are_docs:
@@ -995,11 +1081,17 @@ def prepare_attention(backend: str, ids: torch.Tensor, bos_id: int, rows_are_doc
         return DocStructure(seg, banded_causal_mask(seg, piece_len) if banded else document_causal_mask(seg), pos,
                             longest)
     if backend == "flash3":
-        cu = torch.arange(0, B + 1, device=ids.device, dtype=torch.int32) * T if rows_are_docs else \
-            cu_seqlens_from_segments(seg)
+        if rows_are_docs:
+            cu = torch.arange(0, B + 1, device=ids.device, dtype=torch.int32) * T
+        elif cu_seqlens is not None:
+            cu = cu_seqlens
+        elif torch.compiler.is_compiling():
+            cu = cu_seqlens_from_segments(seg)
+        else:  # eager (Hessians, COMPILE=0): the exact segments; the host copy is one sync per forward
+            cu = varlen_cu_seqlens(ids.cpu(), bos_id, piece_len).to(ids.device)
         return DocStructure(seg, cu, pos, longest)
     if backend == "flex":
-        return DocStructure(seg, flex_block_mask(seg, rows_are_docs), pos, longest)
+        return DocStructure(seg, flex_block_mask(seg, rows_are_docs, max_len), pos, longest)
     return DocStructure(seg, None, pos, longest)
 
 
@@ -1473,7 +1565,7 @@ class GPT(nn.Module):
         return torch.cat([x[:, :1], x[:, 1:] + g[:, 1:] * x[:, :-1] * keep], dim=1)
 
     def forward_hidden(self, ids: torch.Tensor, lora: LoRAWeights | None = None,
-                       rows_are_docs: bool = False) -> torch.Tensor:
+                       rows_are_docs: bool = False, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         hp = self.hp
         x = self.tok_emb(ids)
         if torch.is_autocast_enabled(x.device.type):
@@ -1482,7 +1574,8 @@ class GPT(nn.Module):
             x = self.smear(x, ids)
         x = rms_norm(x)
         piece = self.doc_piece_len if self.training else 0
-        x0, doc = x, prepare_attention(self.attn_backend, ids, self.bos_id, rows_are_docs, piece)
+        x0, doc = x, prepare_attention(self.attn_backend, ids, self.bos_id, rows_are_docs, piece, cu_seqlens,
+                                       self.rope_cos.size(0))
         rope = self.rope(doc, x.dtype)
         enc, dec = self.schedule()
         skips = []
@@ -1515,10 +1608,10 @@ class GPT(nn.Module):
         return torch.lerp(w, x, torch.sigmoid(self.skip_gates[k]).to(x.dtype))
 
     def forward_logits(self, ids: torch.Tensor, lora: LoRAWeights | None = None,
-                       rows_are_docs: bool = False) -> torch.Tensor:
+                       rows_are_docs: bool = False, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         """Raw (pre-softcap) logits; with adapters they are summed in fp32 (the softcap and log-softmax after
         them run in fp32: bf16 rounding there costs TTT, spec A2.4)."""
-        h = self.forward_hidden(ids, lora, rows_are_docs)
+        h = self.forward_hidden(ids, lora, rows_are_docs, cu_seqlens)
         w = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
         z = F.linear(h, w.to(h.dtype))
         return z if lora is None else _add_delta(z.float(), lora, "head", h)
@@ -1530,10 +1623,11 @@ class GPT(nn.Module):
         return self.hp.logit_softcap, None
 
     def forward(self, ids, targets, lora: LoRAWeights | None = None, reduction: str = "mean",
-                rows_are_docs: bool = False, hint: torch.Tensor | None = None):
-        """Loss of `targets`; reduction none gives per-position NLL [B, T]. rows_are_docs: see prepare_attention.
-        With `hint` [B, T] (token ids): TokenScores, the NLL and log p(hint) per position."""
-        logits = self.forward_logits(ids, lora, rows_are_docs)
+                rows_are_docs: bool = False, hint: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None):
+        """Loss of `targets`; reduction none gives per-position NLL [B, T]. rows_are_docs, cu_seqlens: see
+        prepare_attention (attention_extras gives cu_seqlens). With `hint` [B, T] (token ids): TokenScores, the NLL
+        and log p(hint) per position."""
+        logits = self.forward_logits(ids, lora, rows_are_docs, cu_seqlens)
         cap, cap_neg = self.caps()
         if hint is not None:
             return softcap_scores(logits, targets, hint, cap, cap_neg)
@@ -1554,6 +1648,18 @@ class GPT(nn.Module):
         for s in range(len(enc) + len(dec)):
             shapes.update({f"{s}_{t}": shape for t, shape in targets.items() if not off.get(t)})
         return shapes
+
+
+def attention_extras(model: GPT, ids: torch.Tensor, device: torch.device) -> dict:
+    """Keyword arguments of a forward on the host rows `ids` (before they go to `device`): with flash3, cu_seqlens
+    from varlen_cu_seqlens (at the piece length the forward will use), its length marked dynamic so that every
+    bucket runs in one compiled graph. Other backends: none."""
+    if model.attn_backend != "flash3":
+        return {}
+    cu = varlen_cu_seqlens(ids, model.bos_id, model.doc_piece_len if model.training else 0)
+    cu = cu.to(device, non_blocking=True)
+    torch._dynamo.mark_dynamic(cu, 0)
+    return {"cu_seqlens": cu}
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -1648,7 +1754,7 @@ class Muon:
         return sum((s.float().square().sum() for s in self._shards), torch.zeros((), device=self._shards[0].device))
 
     @torch.no_grad()
-    def step(self, grad_scale: float = 1.0) -> None:
+    def step(self, grad_scale: "float | torch.Tensor" = 1.0) -> None:
         hp = self.hp
         for gi, (group, shard) in enumerate(zip(self.groups, self._shards)):
             g = shard * grad_scale
@@ -1715,7 +1821,8 @@ class Optimizers:
         self.muon.momentum = momentum
 
     @torch.no_grad()
-    def step(self) -> float:
+    def step(self) -> torch.Tensor:
+        """Returns the global gradient norm before clipping as a device tensor (read it only when logging)."""
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.replicated]
         for p, g in zip(self.replicated, grads):
             p.grad = g
@@ -1732,16 +1839,16 @@ class Optimizers:
         if self.world > 1:
             all_reduce_(sq)
         sq = sq + sum((g.float().square().sum() for g in grads), torch.zeros((), device=sq.device))
-        norm = float(sq.sqrt())
+        norm = sq.sqrt()
         scale = 1.0
-        if self.hp.grad_clip_norm > 0 and norm > self.hp.grad_clip_norm:
-            scale = self.hp.grad_clip_norm / (norm + 1e-6)
-            for g in grads:
-                g.mul_(scale)
+        if self.hp.grad_clip_norm > 0:  # decided on the device: a host read of the norm would sync every step
+            clip = self.hp.grad_clip_norm
+            scale = torch.where(norm > clip, clip / (norm + 1e-6), torch.ones_like(norm))
+            torch._foreach_mul_(grads, scale)
         self.muon.step(scale)
         self.adam.step()
         self.model.zero_grad(set_to_none=True)
-        return norm
+        return norm.detach()
 
     def state_dict(self):
         return {"adam": copy.deepcopy(self.adam.state_dict()), "muon": self.muon.state_dict()}
@@ -1876,15 +1983,18 @@ def compile_enabled(hp: Hyperparameters, device: torch.device) -> bool:
 
 
 def maybe_compile(fn, hp: Hyperparameters, device: torch.device):
-    """torch.compile with fullgraph=True (a graph break is an error, not a silent slow path). Static shapes:
-    callers keep row counts fixed and mark TTT's variable row width dynamic (mark_row_width_dynamic)."""
+    """torch.compile with fullgraph=True (a graph break is an error, not a silent slow path) and dynamic=False:
+    every shape is static unless marked (TTT's row width: mark_row_width_dynamic; FA3's cu_seqlens length:
+    attention_extras). Dynamo caches graphs per code object, so the eval after training would otherwise
+    recompile GPT.forward with automatic dynamic shapes: symbolic rows and width, other kernels than the ones
+    warmed up. Callers keep row counts fixed."""
     if not compile_enabled(hp, device):
         return fn
     for name, value in (("recompile_limit", DYNAMO_RECOMPILE_LIMIT), ("cache_size_limit", DYNAMO_RECOMPILE_LIMIT),
                         ("fail_on_recompile_limit_hit", True)):
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, value)
-    return torch.compile(fn, dynamic=None, fullgraph=True)
+    return torch.compile(fn, dynamic=False, fullgraph=True)
 
 
 def mark_row_width_dynamic(*tensors: torch.Tensor) -> None:
@@ -1905,8 +2015,17 @@ def agree_elapsed(local_s: float, device: torch.device) -> float:
     return float(all_reduce_(t, dist.ReduceOp.MAX if dist.is_initialized() else None))
 
 
-def make_train_loader(hp: Hyperparameters, rt: Runtime, files: list[str]):
+def micro_batch_shape(hp: Hyperparameters, rt: Runtime) -> tuple[int, int]:
+    """[rows, width] of one rank's micro-batch as make_train_loader's loader returns it: packed, one flat row of
+    TRAIN_BATCH_TOKENS / (WORLD_SIZE x grad accumulation) tokens; shuffled, rows of TRAIN_SEQ_LEN. Benchmarks
+    build their batches from this, so they compile the graphs the run compiles."""
     local = hp.train_batch_tokens // (rt.world_size * rt.grad_accum_steps)
+    return (1, local) if hp.train_loader == "packed" else (max(1, local // hp.train_seq_len), hp.train_seq_len)
+
+
+def make_train_loader(hp: Hyperparameters, rt: Runtime, files: list[str]):
+    rows, width = micro_batch_shape(hp, rt)
+    local = rows * width
     if hp.train_loader == "packed":
         return PackedDocumentLoader(files, rt.rank, rt.world_size, local, hp.train_seq_len, rt.device)
     return ShuffledSequenceLoader(files, rt.rank, rt.world_size, local, hp.train_seq_len, rt.device, hp.seed)
@@ -1995,9 +2114,11 @@ def make_train_step(hp: Hyperparameters, rt: Runtime, model: GPT, opt: Optimizer
     def train_step(loader, step: int, frac: float, lr_scale: float = 1.0) -> torch.Tensor:
         total = torch.zeros((), device=rt.device)
         for _ in range(rt.grad_accum_steps):
-            x, y = loader.next_batch()
+            x, y = loader.next_host_batch()
+            extras = attention_extras(model, x, rt.device)
+            x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
             with autocast_context(hp, rt.device):
-                loss = fwd(x, y)
+                loss = fwd(x, y, **extras)
             (loss / rt.grad_accum_steps).backward()
             total += loss.detach()
         opt.set_schedule(lr_scale * lr_multiplier(frac, step, hp), muon_momentum_at(step, hp))
@@ -2147,6 +2268,20 @@ def train(hp: Hyperparameters, rt: Runtime, model: GPT, train_files: list[str], 
 # adaptive Hessian sensitivity / byte budget), LQER low-rank error correction, quantize_state().
 # =============================================================================================
 
+@contextlib.contextmanager
+def true_fp32():
+    """TF32 off for CUDA matmuls and convolutions inside (init_runtime turns it on for training): the Hessian sums
+    X^T X and GPTQ's Cholesky, inverse and error propagation run in true fp32 whatever the global setting, so
+    the numerics that ship are the ones scripts/gpu_check.py validates. Restores the previous flags."""
+    mm, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    prev = mm.allow_tf32, cudnn.allow_tf32
+    mm.allow_tf32 = cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        mm.allow_tf32, cudnn.allow_tf32 = prev
+
+
 GPTQ_BLOCK = 128          # columns per GPTQ block (spec §5.5)
 GPTQ_DAMP = 0.01          # diagonal damping, fraction of mean(diag H) (spec §5.5)
 GATE_INT8_MAX_NUMEL = 8192  # gate tensors up to this size are stored int8 per row (spec §5.3)
@@ -2175,8 +2310,9 @@ def collect_hessians(model: GPT, loader, batches: int, hp: Hyperparameters, rt: 
     sums: dict[nn.Module, torch.Tensor] = {}
 
     def hook(mod, inp, out):
-        # autocast would run x^T x in bf16 (and refuse the fp32 accumulator): accumulate in true fp32
-        with torch.autocast(inp[0].device.type, enabled=False):
+        # autocast would run x^T x in bf16 (and refuse the fp32 accumulator), TF32 would round X to 10 mantissa
+        # bits: accumulate in true fp32
+        with torch.autocast(inp[0].device.type, enabled=False), true_fp32():
             x = inp[0].detach().reshape(-1, inp[0].size(-1)).float()
             if mod in sums:
                 sums[mod].addmm_(x.T, x)
@@ -2253,6 +2389,7 @@ def rtn_quantize(W: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tenso
     return torch.clamp(torch.round(W.float() / scale[:, None]), -R, R).to(torch.int8)
 
 
+@true_fp32()
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, scale: torch.Tensor, bits: int, hi_cols: list[int] | None = None,
                   hi_scale: torch.Tensor | None = None, hi_bits: int = 8) -> torch.Tensor:
     """GPTQ (spec §5.5): act-order columns, damped inverse Hessian via Cholesky, blockwise error propagation.
@@ -2300,6 +2437,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, scale: torch.Tensor, bits: i
     return Q[:, inv].contiguous()
 
 
+@true_fp32()
 def hessian_weighted_error(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> float:
     """tr((W - Wq) H (W - Wq)^T): the expected output error of the layer over the calibration inputs."""
     E = (W.float() - Wq.float()).to(H.device)
@@ -3274,7 +3412,7 @@ def eval_sliding(model: GPT, val: ValidationData, hp: Hyperparameters, rt: Runti
         idx = st[win, None] + cols[None, :]
         x, y = toks[idx].to(rt.device), toks[idx + 1].to(rt.device)
         with autocast_context(hp, rt.device):
-            nll = fwd(x, y, reduction="none").float()
+            nll = fwd(x, y, reduction="none", **attention_extras(model, toks[idx], rt.device)).float()
         keep = ((cols[None, :] >= first[win, None]) & real[:, None]).to(rt.device)
         board.add(idx.to(rt.device)[keep], nll[keep])
     model.train(was_training)
@@ -3523,8 +3661,8 @@ def ttt_score_docs(model: GPT, val: ValidationData, docs, my_docs: list[int], hp
             for g in range(max(1, steps if train_more else 1)):
                 for lo in range(0, X.size(0), rows):
                     mine = [(i, sp) for i, sp in enumerate(spans[lo: lo + rows], lo) if sp is not None]
-                    if g and not any(sp.trains for _, sp in mine):
-                        continue  # after the scoring pass only the rows that train need a forward
+                    if not mine or (g and not any(sp.trains for _, sp in mine)):
+                        continue  # padding only; after the scoring pass only the rows that train need a forward
                     xs, ys = X[lo: lo + rows], Y[lo: lo + rows]
                     hs = None if H is None else H[lo: lo + rows]
                     if fwd is not model:
@@ -3581,7 +3719,7 @@ def global_sgd_on_scored(model: GPT, val: ValidationData, docs, scored: list[int
             x[: hi - lo] = part[lo * seq: hi * seq].view(-1, seq)
             y[: hi - lo] = part[lo * seq + 1: hi * seq + 1].view(-1, seq)
             with autocast_context(hp, rt.device):
-                nll = fwd(x.to(rt.device), y.to(rt.device), reduction="none")
+                nll = fwd(x.to(rt.device), y.to(rt.device), reduction="none", **attention_extras(model, x, rt.device))
             (nll[: hi - lo].sum() / max(rows * seq, 1)).backward()
         for p in model.parameters():
             if p.grad is None:
@@ -4113,7 +4251,9 @@ def main() -> int:
     hp = Hyperparameters.from_env()
     hp.validate(int(os.environ.get("WORLD_SIZE", 1)))
     rt = init_runtime(hp)
-    run = start_run(hp, rt, choose_attention_backend(hp, rt.device))
+    backend, why = attention_backend_for_run(hp, rt.device)
+    rt.logger.log(f"attention_backend_choice: {backend} ({why})")
+    run = start_run(hp, rt, backend)
     if hp.eval_only:
         trained, packed = Trained(None, TrainResult()), Packed(hp.artifact, len(shipped_code(run.source)[0]), 0.0)
     else:

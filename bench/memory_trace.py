@@ -28,8 +28,11 @@ where possible), so nothing is added analytically.
 Attention: while tracing, tests/fake_fa3/flash_attn_interface.py stands in as `flash_attn_interface` (a real FA3
 wheel, where installed, is put back afterwards), a stand-in registered as a torch.library custom op with fake
 implementations: on fake (and meta) tensors it dispatches to the fake kernel
-(its CALLS counter stays 0) and autograd saves what FA3 saves (q, k, v, out, fp32 LSE; nothing T x T).
-cu_seqlens_from_segments' torch.nonzero_static and torch._assert_async run on fake and meta tensors as they are.
+(its CALLS counter stays 0) and autograd saves what FA3 saves (q, k, v, out, fp32 LSE; nothing T x T). Its
+backward returns FA3's workspace at FA3's shapes (softmax_d, dq_accum and, with GQA, the zero-filled dk/dv
+accumulators, all sized by tokens + 128 x segments), so the transient peak of each attention backward is in the
+trace. The train and eval phases pass cu_seqlens of trace_segments() segments (fake tokens hold no BOS), the
+bucket train_gpt.varlen_cu_seqlens gives rows with one document per TRACE_DOC_TOKENS tokens.
 
 bf16 autocast. CUDA fake tensors cannot run autograd on a CPU-only torch build (AccumulateGrad asks for the CUDA
 device guard, which is not linked) and torch.autocast("cuda") disables itself without CUDA, so the trace runs on
@@ -505,6 +508,23 @@ def _tokens(hp, rows: int, seq: int, tracker: MemoryTracker):
     return x, y
 
 
+# Fake tokens have no BOS to count: the trace gives FA3 the cu_seqlens that train_gpt.varlen_cu_seqlens makes for
+# rows with one document per this many tokens (FineWeb averages ~960; a batch 4x as fragmented as that).
+TRACE_DOC_TOKENS = 256
+
+
+def trace_segments(rows: int, seq: int) -> int:
+    """Segments of the traced batch's cu_seqlens: row starts + documents, padded as varlen_cu_seqlens pads."""
+    n = rows + rows * seq // TRACE_DOC_TOKENS
+    return -(-n // T.FA3_CU_MULTIPLE) * T.FA3_CU_MULTIPLE
+
+
+def _cu_seqlens(rows: int, seq: int, tracker: MemoryTracker) -> dict:
+    cu = torch.full((trace_segments(rows, seq) + 1,), rows * seq, dtype=torch.int32)
+    tracker.tag([cu], "inputs")
+    return {"cu_seqlens": cu}
+
+
 def _train_state(model, hp, tracker: MemoryTracker, world_size: int) -> tuple:
     """What train() keeps alive between steps, built by train_gpt's own classes: Muon momentum and gradient shards
     (this rank's share), AdamW moments, the EMA shadow. Gradients are not kept: zero_grad(set_to_none=True).
@@ -539,6 +559,7 @@ def _result(phase, hp, tracker, rows, seq, t0, persistent, extra=None) -> dict:
             "breakdown_at_peak": tracker.breakdown_at_peak(), "budget_bytes": H100_BUDGET_BYTES,
             "margin_gib": (H100_BUDGET_BYTES - tracker.peak) / GIB, "ops": sum(tracker.ops.values()),
             "fa3_fake_calls": tracker.ops.get("fake_fa3.varlen_fwd.default", 0), "seconds": time.perf_counter() - t0,
+            "fa3_segments": trace_segments(rows, seq) if phase != "ttt" else rows,
             "top_activations_at_peak": [{"origin": o, "count": c, "bytes": b} for o, c, b in tracker.top_at_peak()],
             **(extra or {})}
 
@@ -552,7 +573,7 @@ def trace_train(hp, rows: int | None = None, world_size: int = MUON_WORLD_SIZE) 
         x, y = _tokens(hp, rows, hp.train_seq_len, tr)
         persistent = tr.current
         with cuda_autocast_on_cpu():
-            loss = model(x, y)
+            loss = model(x, y, **_cu_seqlens(rows, hp.train_seq_len, tr))
         loss.backward()
         tr.tag([p.grad for p in model.parameters()], "gradients")
         del state
@@ -568,7 +589,7 @@ def trace_eval(hp, rows: int | None = None) -> dict:
         x, y = _tokens(hp, rows, seq, tr)
         persistent = tr.current
         with torch.no_grad(), cuda_autocast_on_cpu():
-            model(x, y, reduction="none").float()
+            model(x, y, reduction="none", **_cu_seqlens(rows, seq, tr)).float()
         return _result("eval", hp, tr, rows, seq, t0, persistent)
 
 

@@ -79,10 +79,15 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, sizes: list[int], reps
     return {"best": best, "per_size": per}
 
 
-def make_batches(hp, device, micro_tokens: int, count: int, data: str, doc_len: float, seed: int):
-    """`count` micro-batches (x, y) of micro_tokens tokens in rows of TRAIN_SEQ_LEN, and the BOS id.
-    data: sample (the offline sample shards, packed like PackedDocumentLoader), synthetic (random tokens,
-    documents of geometric length with mean doc_len), auto (sample when present and VOCAB_SIZE >= 1024)."""
+def bench_runtime(device: torch.device, grad_accum: int) -> "T.Runtime":
+    return T.Runtime(0, 1, 0, device, False, grad_accum, "", T.RunLogger([], enabled=False))
+
+
+def make_batches(hp, rt, count: int, data: str, doc_len: float, seed: int):
+    """`count` host micro-batches (x, y) in the layout train_gpt's loader gives this runtime (micro_batch_shape:
+    one flat packed row, or TRAIN_SEQ_LEN rows with TRAIN_LOADER=shuffled), and the BOS id. data: sample (the
+    offline sample shards through make_train_loader), synthetic (random tokens, documents of geometric length
+    with mean doc_len), auto (sample when present and VOCAB_SIZE >= 1024)."""
     data_path, tok_path = hp.resolved_paths()
     own = bool(T.list_shards(data_path, "train")) and os.path.isfile(tok_path) if os.path.isdir(data_path) else False
     have_sample = own or (os.path.isdir(SAMPLE_DATA) and os.path.isfile(SAMPLE_TOKENIZER) and hp.vocab_size >= 1024)
@@ -94,16 +99,16 @@ def make_batches(hp, device, micro_tokens: int, count: int, data: str, doc_len: 
         path, tok = (data_path, tok_path) if own else (SAMPLE_DATA, SAMPLE_TOKENIZER)
         import sentencepiece as spm
         bos = spm.SentencePieceProcessor(model_file=tok).bos_id()
-        loader = T.PackedDocumentLoader(T.list_shards(path, "train"), 0, 1, micro_tokens, hp.train_seq_len, device)
-        return [loader.next_batch() for _ in range(count)], bos, f"sample:{os.path.relpath(path, ROOT)}"
+        loader = T.make_train_loader(hp, rt, T.list_shards(path, "train"))
+        return [loader.next_host_batch() for _ in range(count)], bos, f"sample:{os.path.relpath(path, ROOT)}"
+    rows, width = T.micro_batch_shape(hp, rt)
     g = torch.Generator().manual_seed(seed)
     bos, out = 1, []
     for _ in range(count):
-        ids = torch.randint(2, hp.vocab_size, (micro_tokens + 1,), generator=g)
-        starts = torch.rand(micro_tokens + 1, generator=g) < 1.0 / max(doc_len, 1.0)
+        ids = torch.randint(2, hp.vocab_size, (rows * width + 1,), generator=g)
+        starts = torch.rand(rows * width + 1, generator=g) < 1.0 / max(doc_len, 1.0)
         ids[starts] = bos
-        x, y = ids[:-1].view(-1, hp.train_seq_len), ids[1:].view(-1, hp.train_seq_len)
-        out.append((x.to(device), y.to(device)))
+        out.append((ids[:-1].view(rows, width), ids[1:].view(rows, width)))
     return out, bos, f"synthetic(mean doc {doc_len:g})"
 
 
@@ -113,11 +118,16 @@ def bench_step(hp, device, steps: int, warmup: int, grad_accum: int, looping: bo
     if micro_tokens % hp.train_seq_len:
         raise SystemExit(f"TRAIN_BATCH_TOKENS/grad_accum = {micro_tokens} is not a multiple of "
                          f"TRAIN_SEQ_LEN={hp.train_seq_len}")
-    batches, bos, source = make_batches(hp, device, micro_tokens, grad_accum, data, doc_len, hp.seed)
+    rt = bench_runtime(device, grad_accum)
+    host_batches, bos, source = make_batches(hp, rt, grad_accum, data, doc_len, hp.seed)
     backend = T.choose_attention_backend(hp, device)
     torch.manual_seed(hp.seed)
     model = T.GPT(hp, bos, backend).to(device)
-    model.looping = looping
+    # the (piece length, layer schedule) pairs train_gpt's warm-up compiles, in its order; timed: the last stage's
+    # piece with `looping` (the shape most steps run in)
+    shapes = T.shapes_to_warm(hp)
+    steady = (T.parse_seq_schedule(hp)[-1].length, looping)
+    model.doc_piece_len, model.looping = steady
     model.train()
     opt = T.Optimizers(model, hp, 1, 0)
     ema = T.ModelEMA(model, hp.ema_decay)
@@ -142,10 +152,12 @@ def bench_step(hp, device, steps: int, warmup: int, grad_accum: int, looping: bo
         sync(device)
         t0 = time.perf_counter()
         marks = []
-        for x, y in batches:
+        for xh, yh in host_batches:  # as train_gpt's train_step: cu_seqlens from the host rows, then the copy
+            extras = T.attention_extras(model, xh, device)
+            x, y = xh.to(device, non_blocking=True), yh.to(device, non_blocking=True)
             m0 = mark()
             with T.autocast_context(hp, device):
-                loss = fwd(x, y)
+                loss = fwd(x, y, **extras)
             m1 = mark()
             (loss / grad_accum).backward()
             marks.append((m0, m1, mark()))
@@ -165,15 +177,14 @@ def bench_step(hp, device, steps: int, warmup: int, grad_accum: int, looping: bo
 
     scratch = dict.fromkeys(phases, 0.0)
     t_warm = time.perf_counter()
-    compile_s = {}  # first step of each layer schedule: compile + one step (the steady step is subtracted below)
-    if compiled and hp.num_loops > 0:
-        model.looping = not looping
-        compile_s[f"train_looping_{int(not looping)}"] = one_step(scratch)
-        model.looping = looping
+    compile_s = {}  # first step of each warm-up shape: compile + one step (the steady step is subtracted below)
+    if compiled:
+        for piece, loop in shapes if steady in shapes else shapes + [steady]:
+            model.doc_piece_len, model.looping = piece, loop
+            compile_s[f"train_piece{piece}_looping_{int(loop)}"] = one_step(scratch)
+        model.doc_piece_len, model.looping = steady
     for i in range(warmup):
-        wall = one_step(scratch)
-        if i == 0 and compiled:
-            compile_s[f"train_looping_{int(looping)}"] = wall
+        one_step(scratch)
     warm_s = time.perf_counter() - t_warm
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
@@ -196,7 +207,7 @@ def bench_step(hp, device, steps: int, warmup: int, grad_accum: int, looping: bo
         by_shape = prof.key_averages(group_by_input_shape=True).table(sort_by=sort, row_limit=25)
         with open(profile, "a") as f:
             f.write("\n# grouped by input shape\n" + by_shape + "\n")
-    keys = sum(keys_per_query_from_ids(x, bos, "causal") for x, _ in batches) / len(batches)
+    keys = sum(keys_per_query_from_ids(x, bos, "causal") for x, _ in host_batches) / len(host_batches)
     flops = training_flops_per_token(hp, looping, keys=keys)
     tokens_step = micro_tokens * grad_accum
     mean_s = sum(walls) / len(walls)
@@ -210,6 +221,8 @@ def bench_step(hp, device, steps: int, warmup: int, grad_accum: int, looping: bo
     compile_s = {k: max(v - min(walls), 0.0) for k, v in compile_s.items()}
     return model, {
         "data": source, "bos_id": bos, "attn_backend": backend, "compiled": compiled,
+        "batch_shape": list(host_batches[0][0].shape), "doc_piece_len": steady[0],
+        "warm_shapes": [list(sh) for sh in shapes],
         "matmul_dtype": "bf16" if bf16 else ("tf32/fp32" if cuda else "fp32"), "looping": looping,
         "grad_accum": grad_accum, "micro_tokens": micro_tokens, "tokens_per_step": tokens_step,
         "steps": steps, "warmup_steps": warmup, "warmup_s": warm_s,
@@ -243,6 +256,7 @@ def bench_eval(hp, device, model, bos: int, reps: int) -> dict:
     ids[torch.rand(ids.shape, generator=g) < 1 / 1024] = bos
     x, y = ids[:, :-1].to(device), ids[:, 1:].to(device)
     model.eval()
+    extras = T.attention_extras(model, ids[:, :-1], device)  # as eval_sliding passes them
     fwd = T.maybe_compile(model, hp, device)
     reset_peak(device)
     walls = []
@@ -251,7 +265,7 @@ def bench_eval(hp, device, model, bos: int, reps: int) -> dict:
             sync(device)
             t0 = time.perf_counter()
             with T.autocast_context(hp, device):
-                fwd(x, y, reduction="none")
+                fwd(x, y, reduction="none", **extras)
             sync(device)
             walls.append(time.perf_counter() - t0)
     model.train()
@@ -272,6 +286,52 @@ def bench_ttt(hp, device, model) -> dict:
             "compile_s": r.warmup_s,
             "compiled": T.compile_enabled(hp, device),
             "total_s": time.perf_counter() - t0, "rows_per_forward": T.ttt_rows_per_forward(hp),
+            "peak_mem_mib": peak_mib(device)}
+
+
+def val_documents(hp, bos: int, max_tokens: int, doc_len: float, seed: int = 3) -> tuple[torch.Tensor, str]:
+    """Validation tokens for the TTT pass: the first max_tokens of the val shard (DATA_PATH, else the offline
+    sample), cut after the last whole document; without a val shard, documents of geometric length doc_len."""
+    data_path, _ = hp.resolved_paths()
+    for path in (data_path, SAMPLE_DATA):
+        files = T.list_shards(path, "val") if os.path.isdir(path) else []
+        if files and (path == data_path or hp.vocab_size >= 1024):
+            toks = torch.from_numpy(T.load_shard(files[0])[: max_tokens + 1].astype("int64"))
+            starts = (toks == bos).nonzero().flatten()
+            if starts.numel() >= 2:
+                toks = toks[: int(starts[-1]) + 1]  # the last document ends with the next one's BOS
+            return toks, f"val shard {os.path.relpath(files[0], ROOT)}"
+    g = torch.Generator().manual_seed(seed)
+    toks = torch.randint(2, hp.vocab_size, (max_tokens + 1,), generator=g)
+    toks[torch.rand(max_tokens + 1, generator=g) < 1.0 / max(doc_len, 1.0)] = bos
+    toks[0] = toks[-1] = bos
+    return toks, f"synthetic (geometric lengths, mean {doc_len:g})"
+
+
+def bench_ttt_docs(hp, device, model, bos: int, max_tokens: int, doc_len: float) -> dict:
+    """TTT scoring + LoRA training (TTT_GRAD_STEPS, no deadline) over real validation documents: their length
+    distribution, not the probe's 4-chunk documents (193 tokens at the sota chunk of 48). Row tokens/s beside the
+    probe's score+train rate (bench_ttt) tell how well the probe predicts the real pass. Runs after bench_ttt,
+    whose warm-up compiled the graphs."""
+    toks, source = val_documents(hp, bos, max_tokens, doc_len)
+    val = T.ValidationData(toks, torch.ones(toks.numel() - 1, dtype=torch.int32), source)
+    docs = T.find_docs(toks, bos)
+    rt = T.Runtime(0, 1, 0, device, False, 8, "", T.RunLogger([], enabled=False))
+    snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.eval()
+    reset_peak(device)
+    sync(device)
+    t0 = time.perf_counter()
+    T.ttt_score_docs(model, val, docs, list(range(len(docs))), hp, rt, T.ScoreBoard(val, device, False),
+                     hp.ttt_grad_steps)
+    sync(device)
+    wall = time.perf_counter() - t0
+    model.load_state_dict(snapshot)
+    lengths = sorted(L for _, L in docs)
+    row_tokens = sum(T.ttt_row_tokens(L, T.ttt_chunk_for(hp, L), hp.ttt_eval_seq_len) for L in lengths)
+    return {"source": source, "docs": len(docs), "tokens": toks.numel() - 1, "mean_doc_len": sum(lengths) / len(docs),
+            "median_doc_len": lengths[len(lengths) // 2], "max_doc_len": lengths[-1], "seconds": wall,
+            "row_tokens_per_s": row_tokens / wall, "tokens_per_s": (toks.numel() - 1) / wall,
             "peak_mem_mib": peak_mib(device)}
 
 
@@ -342,6 +402,11 @@ def render(res: dict) -> str:
         rows += [("TTT", f"score {t['score_only_tok_s']:,.0f} tok/s, score+train {t['score_tok_s']:,.0f} tok/s, "
                   f"global SGD {t['sgd_tok_s']:,.0f} tok/s, "
                   f"compile {t['compile_s']:.1f} s, peak {mib(t['peak_mem_mib'])}")]
+    if "ttt_docs" in res:
+        d = res["ttt_docs"]
+        rows += [("TTT on real documents", f"{d['docs']} docs of {d['source']} (mean {d['mean_doc_len']:.0f}, median "
+                  f"{d['median_doc_len']}, max {d['max_doc_len']} tokens): {d['tokens_per_s']:,.0f} tok/s, "
+                  f"{d['row_tokens_per_s']:,.0f} row tok/s vs the probe's {res.get('ttt', {}).get('score_tok_s', 0):,.0f}")]
     if "hessian" in res:
         h = res["hessian"]
         rows += [("Hessian batch", f"{h['batch_tokens']:,} tokens: {h['per_batch_s'] * 1000:,.0f} ms, compile "
@@ -368,8 +433,10 @@ def main(argv=None) -> int:
     ap.add_argument("--no-bf16-peak", action="store_true", help="skip the bf16 GEMM peak (slow on some CPUs)")
     ap.add_argument("--profile", default=None, help="write a torch.profiler table of the timed steps here")
     ap.add_argument("--json", default=None, help="write the results as JSON here")
-    ap.add_argument("--phases", default="train", help="comma list of train (always), eval, ttt, hessian: each is "
-                    "timed on the trained-shape model, first call (compile) and steady state")
+    ap.add_argument("--phases", default="train", help="comma list of train (always), eval, ttt, ttt_docs, hessian: "
+                    "each is timed on the trained-shape model, first call (compile) and steady state; ttt_docs: TTT "
+                    "over real validation documents (after ttt)")
+    ap.add_argument("--ttt-val-tokens", type=int, default=65536, help="validation tokens of the ttt_docs pass")
     a = ap.parse_args(argv)
 
     load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -388,8 +455,8 @@ def main(argv=None) -> int:
     looping = (hp.num_loops > 0) if a.looping == "auto" else a.looping == "1"
     warmup = a.warmup if a.warmup is not None else (3 if device.type == "cuda" else 1)
     phases = {p.strip() for p in a.phases.split(",") if p.strip()}
-    if phases - {"train", "eval", "ttt", "hessian"}:
-        raise SystemExit(f"--phases {a.phases!r}: choose from train, eval, ttt, hessian")
+    if phases - {"train", "eval", "ttt", "ttt_docs", "hessian"}:
+        raise SystemExit(f"--phases {a.phases!r}: choose from train, eval, ttt, ttt_docs, hessian")
     model, step = bench_step(hp, device, a.steps, warmup, a.grad_accum, looping, a.data, a.doc_len, a.profile)
     use16 = step["matmul_dtype"] == "bf16"
     peak = (peak16["best"] if use16 and peak16 else peak32["best"])
@@ -415,9 +482,10 @@ def main(argv=None) -> int:
     extra = {}
     runs = [("hessian", lambda: bench_hessian(hp, device, model, step["bos_id"])),  # first: the train-mode model
             ("eval", lambda: bench_eval(hp, device, model, step["bos_id"], max(a.steps, 1))),
-            ("ttt", lambda: bench_ttt(hp, device, model))]
+            ("ttt", lambda: bench_ttt(hp, device, model)),
+            ("ttt_docs", lambda: bench_ttt_docs(hp, device, model, step["bos_id"], a.ttt_val_tokens, a.doc_len))]
     for name, run in runs:
-        if name in phases and not (name == "ttt" and hp.ttt_lora_rank <= 0):
+        if name in phases and not (name.startswith("ttt") and hp.ttt_lora_rank <= 0):
             save(result(extra))  # what is measured so far survives a timeout in the next phase
             extra[name] = run()
     res = result(extra)

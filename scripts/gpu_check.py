@@ -18,13 +18,20 @@ Checks (random inputs, fixed seeds):
   orthogonalize        Newton-Schulz: CUDA (bf16, as in training) vs CPU fp32; CPU: fp32 vs a float64 copy
   quant_roundtrip      Hessians + GPTQ + pack_artifact / unpack_artifact from (CUDA) tensors: unpacked
                        entries identical, dequantized weights close, model_from_artifact on the device gives
-                       the loss of the same artifact rebuilt on CPU
+                       the loss of the same artifact rebuilt on CPU; under the run's global TF32 setting
+  gptq_tf32_independent, fa3_varlen_buckets, step_host_syncs   check_wave2: what only a GPU can confirm of the
+                       CPU nets of tests/test_cuda_wave2.py (docs/performance.md)
+The run's TF32 setting (on, as init_runtime sets it) holds throughout; checks against true fp32 references turn it
+off for themselves (train_gpt.true_fp32). The attention backend a sota run would use, and why, is printed first
+and kept in checks.json. checks.json is rewritten after every check: a killed run keeps what passed.
 Each check prints one line; the exit status is the number of failed checks (0 = all pass).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import functools
 import json
 import os
 import sys
@@ -296,17 +303,198 @@ def check_compiled_paths(device: torch.device) -> list[dict]:
         rt = T.Runtime(0, 1, 0, device, False, 8, "", T.RunLogger([], enabled=False))
         bpb = {}
         for comp in ("1", "0"):
+            # TTT_EVAL_SEQ_LEN 256: row widths of one and of several FlexAttention blocks (64 ... 256)
             hpt = tiny_hp(COMPILE=comp, PHASED_TTT_PREFIX_DOCS=6, PHASED_TTT_NUM_PHASES=2, TTT_BATCH_SIZE=4,
-                          TTT_LORA_RANK=4, TTT_CHUNK_SIZE=32, TTT_EVAL_SEQ_LEN=128, GLOBAL_TTT_CHUNK_TOKENS=1024)
+                          TTT_LORA_RANK=4, TTT_CHUNK_SIZE=32, TTT_EVAL_SEQ_LEN=256, GLOBAL_TTT_CHUNK_TOKENS=1024)
             m = copy.deepcopy(ref_model).to(device)
             m.attn_backend = T.choose_attention_backend(hpt, device)
-            bpb[comp] = T.eval_ttt(m, val, hpt, rt, "ttt", True).val_bpb
+            with counting_compiles() as graphs:
+                bpb[comp] = T.eval_ttt(m, val, hpt, rt, "ttt", True).val_bpb
         d = abs(bpb["1"] - bpb["0"]) / bpb["0"]
-        out.append(dict(name=names[1], ok=d < 2e-2, value=d, detail=f"val_bpb compiled {bpb['1']:.4f} vs eager "
-                        f"{bpb['0']:.4f} (rel {d:.1e}, tol 2e-2); {time.perf_counter() - t0:.0f}s with compile"))
+        # score+train, score only (dynamic width), global SGD: FlexAttention used to compile the first two twice
+        ok = d < 2e-2 and len(graphs) == 3
+        out.append(dict(name=names[1], ok=ok, value=d, detail=f"{m.attn_backend}: val_bpb compiled {bpb['1']:.4f} vs "
+                        f"eager {bpb['0']:.4f} (rel {d:.1e}, tol 2e-2); {len(graphs)} inductor graphs (3 expected: "
+                        f"widths 64-256 share one per TTT graph); {time.perf_counter() - t0:.0f}s with compile"))
     except Exception as e:
         out.append(dict(name=names[1], ok=False, detail=f"{type(e).__name__}: {str(e)[:200]}"))
     return out
+
+
+@contextlib.contextmanager
+def counting_compiles():
+    """torch.compile with its backend (inductor unless given) wrapped to record each graph dynamo hands it."""
+    real, graphs = torch.compile, []
+
+    def compile_counting(fn=None, **kw):
+        inner = kw.pop("backend", "inductor")
+
+        def backend(gm, example_inputs):
+            graphs.append(gm)
+            return torch._dynamo.lookup_backend(inner)(gm, example_inputs)
+        return real(fn, **kw, backend=backend)
+    torch.compile = compile_counting
+    try:
+        yield graphs
+    finally:
+        torch.compile = real
+
+
+@functools.lru_cache(maxsize=None)
+def attention_backend_report(device: torch.device) -> str:
+    """Which attention backend train_gpt.py would run at the sota settings here, and why (FA3 importable? its
+    varlen call traced with fullgraph=True?), with the FA3 module's origin."""
+    hp = T.Hyperparameters.from_env({"PRESET": "sota"})
+    try:
+        backend, why = T.attention_backend_for_run(hp, device)
+    except T.ConfigError as e:
+        backend, why = "refused", str(e)
+    try:
+        import flash_attn_interface as fa
+        origin = f"; flash_attn_interface from {getattr(fa, '__file__', '?')}"
+    except ImportError:
+        origin = "; no flash_attn_interface (docs/runpod_guide.md: FA3 install)"
+    return f"{backend}: {why}{origin}"
+
+
+def check_wave2(device: torch.device) -> list[dict]:
+    """The CUDA-only halves of tests/test_cuda_wave2.py's nets (docs/performance.md, CUDA nets):
+    gptq_tf32_independent  Hessian sums and GPTQ give identical results with the global TF32 flag on (as
+                           init_runtime sets it) and off: true_fp32() holds inside them (both devices)
+    fa3_varlen_buckets     real FA3 at the training row [98304 tokens, 8/4 heads of 64], ~100 documents: forward
+                           + backward with varlen_cu_seqlens' bucket vs the old fixed capacity (6,145 segments):
+                           time and peak memory; then one compiled graph for two bucket sizes (CUDA + FA3 only)
+    step_host_syncs        torch.cuda.set_sync_debug_mode over a training step's forward, backward and
+                           Optimizers.step on device-resident rows: synchronizing calls counted (CUDA only)"""
+    out = [_gptq_tf32(device)]
+    if device.type != "cuda":
+        return out + [dict(name=n, ok=None, detail="skipped: needs CUDA (tests/test_cuda_wave2.py covers CPU)")
+                      for n in ("fa3_varlen_buckets", "step_host_syncs")]
+    return out + [_fa3_varlen_buckets(device), _step_host_syncs(device)]
+
+
+def _gptq_tf32(device: torch.device) -> dict:
+    name = "gptq_tf32_independent"
+    try:
+        hp = tiny_hp()
+        model = randomize(T.GPT(hp, 1, "sdpa"), seed=5).to(device)
+        model.looping = True
+        rt = T.Runtime(0, 1, 0, device, False, 1, "", T.RunLogger([], enabled=False))
+
+        class Batches:
+            def __init__(self):
+                self.i = 0
+
+            def next_batch(self):
+                self.i += 1
+                x, y = random_rows(4, hp.train_seq_len, hp.vocab_size, 1, 300 + self.i)
+                return x.to(device), y.to(device)
+        res = {}
+        prev = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        for tf32 in (True, False):
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+            H = T.collect_hessians(model, Batches(), 2, hp, rt)["blocks.0.mlp.fc.weight"]
+            W = model.state_dict()["blocks.0.mlp.fc.weight"].float()
+            res[tf32] = H, T.gptq_quantize(W, H, T.sdclip_scales(W, 12.0, 6).to(device), 6)
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev
+        same = torch.equal(res[True][0], res[False][0]) and torch.equal(res[True][1], res[False][1])
+        return dict(name=name, ok=same, detail=f"Hessian and GPTQ codes with TF32 on vs off identical: {same}"
+                    + ("" if device.type == "cuda" else " (CPU: the flags do not apply)"))
+    except Exception as e:
+        return dict(name=name, ok=False, detail=f"{type(e).__name__}: {str(e)[:200]}")
+
+
+def _fa3_varlen_buckets(device: torch.device) -> dict:
+    name = "fa3_varlen_buckets"
+    try:
+        import flash_attn_interface as fa
+    except ImportError:
+        return dict(name=name, ok=None, detail="skipped: flash_attn_interface not importable (the stand-in cannot "
+                    "run 98,304-token rows)")
+    try:
+        g = torch.Generator().manual_seed(11)
+        row = 98_304
+        ids = torch.randint(2, 8192, (1, row), generator=g)
+        ids[torch.rand(1, row, generator=g) < 1 / 960] = 1
+        cus = {"bucket": T.varlen_cu_seqlens(ids, 1, 2048), "fixed": None}
+        seg = torch.cumsum(T.segment_starts(ids, 1, 2048).int(), -1)
+        cus["fixed"] = T.cu_seqlens_from_segments(seg)
+        q = torch.randn(row, 8, 64, generator=g).to(device, torch.bfloat16).requires_grad_()
+        k, v = (torch.randn(row, 4, 64, generator=g).to(device, torch.bfloat16).requires_grad_() for _ in range(2))
+        dout = torch.randn(row, 8, 64, generator=g).to(device, torch.bfloat16)
+
+        def attend(cu):
+            o = fa.flash_attn_varlen_func(q, k, v, cu, cu, 2048, 2048, causal=True)
+            return o[0] if isinstance(o, tuple) else o
+        res, outs = {}, {}
+        for label, cu in cus.items():
+            cu = cu.to(device)
+            times = []
+            for _ in range(4):
+                q.grad = k.grad = v.grad = None
+                torch.cuda.synchronize()
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                t0 = time.perf_counter()
+                o = attend(cu)
+                o.backward(dout)
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+            res[label] = (1000 * min(times[1:]), (torch.cuda.max_memory_allocated() - base) / 2 ** 20, cu.numel() - 1)
+            outs[label] = (o.detach().float(), q.grad.float())
+        same = rel_err(outs["bucket"][0], outs["fixed"][0]) < 1e-3 and rel_err(outs["bucket"][1], outs["fixed"][1]) < 1e-3
+        # one compiled graph for two bucket sizes (cu_seqlens' length is a dynamic dimension)
+        ids2 = ids.clone()
+        ids2[0, torch.randperm(row, generator=g)[:300]] = 1
+        with counting_compiles() as graphs:
+            f = torch.compile(lambda q, k, v, cu: fa.flash_attn_varlen_func(q, k, v, cu, cu, 2048, 2048, causal=True),
+                              fullgraph=True, dynamic=False)
+            sizes = []
+            for x in (ids, ids2):
+                cu = T.varlen_cu_seqlens(x, 1, 2048).to(device)
+                torch._dynamo.mark_dynamic(cu, 0)
+                sizes.append(cu.numel() - 1)
+                f(q, k, v, cu)
+        (tb, mb, nb), (tf, mf, nf) = res["bucket"], res["fixed"]
+        ok = same and tb <= 1.05 * tf and mb < mf and len(graphs) == 1 and sizes[0] != sizes[1]
+        return dict(name=name, ok=ok, value=tb / tf,
+                    detail=f"fwd+bwd {nb} segments {tb:.2f} ms, +{mb:,.0f} MiB vs fixed {nf}: {tf:.2f} ms, +{mf:,.0f} "
+                           f"MiB; outputs equal: {same}; compiled graphs for buckets {sizes}: {len(graphs)} (1 expected)")
+    except Exception as e:
+        return dict(name=name, ok=False, detail=f"{type(e).__name__}: {str(e)[:200]}")
+
+
+def _step_host_syncs(device: torch.device) -> dict:
+    name = "step_host_syncs"
+    try:
+        import warnings
+        hp = tiny_hp(GRAD_CLIP_NORM=0.3)
+        model = randomize(T.GPT(hp, 1, "sdpa"), seed=6, scale=0.05).to(device)
+        model.looping = True
+        opt = T.Optimizers(model, hp, 1, 0)
+        x, y = (t.to(device) for t in random_rows(2, hp.train_seq_len, hp.vocab_size, 1, 8))
+
+        def step():
+            with T.autocast_context(hp, device):
+                loss = model(x, y)
+            loss.backward()
+            opt.set_schedule(1.0, 0.95)
+            opt.step()
+        step()  # one-off costs (allocator, lazy init) outside the measured step
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs = [str(w.message).splitlines()[0][:120] for w in caught if "synchroniz" in str(w.message)]
+        return dict(name=name, ok=not syncs, value=len(syncs),
+                    detail=f"{len(syncs)} synchronizing calls in forward + backward + Optimizers.step"
+                           + (f"; first: {syncs[0]}" if syncs else ""))
+    except Exception as e:
+        return dict(name=name, ok=False, detail=f"{type(e).__name__}: {str(e)[:200]}")
 
 
 def check_orthogonalize(device: torch.device) -> list[dict]:
@@ -399,8 +587,14 @@ def summarize(d: str) -> int:
     checks = os.path.join(d, "checks.json")
     if os.path.isfile(checks):
         with open(checks) as f:
-            for r in json.load(f)["results"]:
-                add(r["name"], r["ok"], r["detail"])
+            doc = json.load(f)
+        if doc.get("attention_backend"):
+            add("attention_backend", True, doc["attention_backend"])
+        for r in doc["results"]:
+            add(r["name"], r["ok"], r["detail"])
+        if not doc.get("complete", True):
+            add("checks", False, f"gpu_check.py was stopped during {doc.get('running')} (time limit or crash): the "
+                "checks after it never ran; the ones above did")
     else:
         add("checks", False, "no checks.json (scripts/gpu_check.py did not finish)")
     tp = os.path.join(d, "throughput.json")
@@ -427,6 +621,11 @@ def summarize(d: str) -> int:
             add("ttt_throughput", True, f"score {t['score_only_tok_s']:,.0f}, score+train {t['score_tok_s']:,.0f}, "
                 f"global SGD {t['sgd_tok_s']:,.0f} "
                 f"tok/s, {t['rows_per_forward']} docs/forward, peak {mib(t['peak_mem_mib'])}")
+        if "ttt_docs" in r:
+            t = r["ttt_docs"]
+            add("ttt_real_docs", True, f"{t['docs']} docs ({t['source']}, mean {t['mean_doc_len']:.0f} tokens): "
+                f"{t['tokens_per_s']:,.0f} tok/s, {t['row_tokens_per_s']:,.0f} row tok/s (probe: "
+                f"{r.get('ttt', {}).get('score_tok_s', 0):,.0f}), peak {mib(t['peak_mem_mib'])}")
         if "hessian" in r:
             h = r["hessian"]
             add("hessian_throughput", True, f"{h['batch_tokens']:,} tokens: {h['per_batch_s'] * 1000:,.0f} ms per "
@@ -434,6 +633,8 @@ def summarize(d: str) -> int:
         for phase in ("eval", "ttt", "hessian"):
             if phase not in r:
                 add(f"{phase}_throughput", False, "not measured (see throughput.log)")
+        if "ttt_docs" not in r:
+            add("ttt_real_docs", None, "not measured (phase ttt_docs not run or cut by the time limit)")
     else:
         add("throughput", False, "no throughput.json")
     rec_path = os.path.join(d, "e2e_record.json")
@@ -468,15 +669,19 @@ def main(argv=None) -> int:
         print("no CUDA device: run with --cpu for the CPU mode", file=sys.stderr)
         return 2
     device = CPU if a.cpu else torch.device("cuda", 0)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 comparisons are against true fp32
+    if device.type == "cuda":  # the flags of a real run (init_runtime); fp32 comparisons hold TF32 off themselves
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    print(f"attention backend (sota settings): {attention_backend_report(device)}", flush=True)
     results = []
+    fp32 = {check_attention, check_model}  # compared against true fp32: TF32 off inside (T.true_fp32)
     for fn, args in ((check_attention, (device,)), (check_kernels, (device,)), (check_model, (device, not a.no_compile)),
                      (check_compiled_paths, (device,)), (check_orthogonalize, (device,)),
-                     (check_quant_roundtrip, (device,))):
+                     (check_quant_roundtrip, (device,)), (check_wave2, (device,))):
+        write_checks(a.json, device, results, running=fn.__name__)  # a hang or a kill here keeps what passed
         t0 = time.perf_counter()
         try:
-            rs = fn(*args)
+            with T.true_fp32() if fn in fp32 else contextlib.nullcontext():
+                rs = fn(*args)
         except Exception as e:
             traceback.print_exc()
             rs = [dict(name=fn.__name__.replace("check_", ""), ok=False, detail=f"{type(e).__name__}: {str(e)[:200]}")]
@@ -488,10 +693,21 @@ def main(argv=None) -> int:
     failed = sum(r["ok"] is False for r in results)
     print(f"gpu_check.py ({device.type}): {sum(r['ok'] is True for r in results)} pass, {failed} fail, "
           f"{sum(r['ok'] is None for r in results)} skipped")
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"device": device.type, "torch": torch.__version__, "results": results}, f, indent=1)
+    write_checks(a.json, device, results)
     return min(failed, 100)
+
+
+def write_checks(path: str | None, device: torch.device, results: list[dict], running: str | None = None) -> None:
+    """checks.json rewritten atomically (temporary file, then os.replace) before every check and at the end:
+    `running` names the check in progress, so a run killed by its time limit still reports what passed."""
+    if not path:
+        return
+    doc = {"device": device.type, "torch": torch.__version__, "complete": running is None, "running": running,
+           "attention_backend": attention_backend_report(device), "results": results}
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1, default=str)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -220,38 +220,63 @@ def test_forward_mutates_no_module_state(graphs):
 
 # ---- eval and TTT: compiled, fixed row counts, dynamic row width ---------------------------------------------
 
+def graph_symbols(gm) -> set:
+    """Free symbols (dynamic dimensions) of a dynamo graph's inputs."""
+    from torch.fx.experimental.symbolic_shapes import free_symbols
+    out = set()
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            out |= free_symbols(n.meta.get("example_value"))
+    return out
+
+
 @pytest.mark.parametrize("backend,tilt", [("sdpa", "0"), ("flash3", "1")])
 def test_eval_and_ttt_compile_once(backend, tilt, graphs, request, tmp_path):
-    """Plain / sliding eval (fixed rows per forward, the last batch padded) and phased TTT (LoRA score+train and
-    score-only forwards with a dynamic row width, global SGD with fixed rows) compile once; a second validation
-    set with other documents, lengths and chunk counts adds no graph. With the n-gram tilt the TTT graphs are
-    the hint-taking ones, warmed by the throughput probe (the record compiled them inside the eval timer)."""
+    """In the run's order: a training step, then plain / sliding eval (fixed rows per forward, the last batch
+    padded), then phased TTT (LoRA score+train and score-only forwards with a dynamic row width, global SGD with
+    fixed rows). Each compiles once, every graph static but for the marked dimensions (TTT's row width, FA3's
+    cu_seqlens length): dynamo keys graphs by code object, so with dynamic=None the eval after the training
+    graph recompiled with symbolic rows and width (issue 26 item 3; this test used to compile eval first, a
+    graph the real run never builds). A second validation set with other documents, lengths and chunk counts
+    adds no graph. With the n-gram tilt the TTT graphs are the hint-taking ones, warmed by the throughput probe
+    (the record compiled them inside the eval timer)."""
     if backend == "flash3":
         request.getfixturevalue("fake_fa3")
     graphs.backend = "eager"  # dynamo's verdicts only; the inductor run is test_compiled_bf16_pipeline
     hp = net_hp(COMPILE="1", ATTN_BACKEND=backend, AUTOCAST_BF16="1" if backend == "flash3" else "0",
                 PHASED_TTT_PREFIX_DOCS="4", PHASED_TTT_NUM_PHASES="2", TTT_BATCH_SIZE="4", NGRAM_TILT_ENABLED=tilt,
-                TOKEN_ORDER="2", TTT_SHORT_SCORE_FIRST_ENABLED=tilt, TTT_SHORT_SCORE_FIRST_STEPS="150:16")
+                TOKEN_ORDER="2", TTT_SHORT_SCORE_FIRST_ENABLED=tilt, TTT_SHORT_SCORE_FIRST_STEPS="150:16",
+                TRAIN_BATCH_TOKENS="1024")
     model = randomize(T.GPT(hp, 1, backend), scale=0.05)
-    model.looping = True
+    model.looping, model.doc_piece_len = True, 128
     rt = cpu_runtime(tmp_path)
+    rt.grad_accum_steps = 2
+
+    class Rows:
+        def next_host_batch(self):
+            return rows_with_docs(5, 0, rows=1, width=512)
+        next_batch = next_host_batch
+    with T.autocast_context(hp, CPU):  # the training graph first, as the run compiles it
+        T.make_train_step(hp, rt, model, T.Optimizers(model, hp, 1, 0))(Rows(), 0, 0.0)
+    model.doc_piece_len = 0
     quiet = lambda *a, **k: None  # noqa: E731
     val = synthetic_val(2500, 20, 0)
     T.eval_val(model, val, hp, rt)
     T.eval_sliding(model, val, hp, rt)
-    assert len(graphs) == 1
+    assert len(graphs) == 2
     model.eval()  # as eval_ttt runs it
     T.measure_ttt_throughput(model, hp, rt)  # the eval's compile warm-up: every TTT graph
-    n_graphs = len(graphs)
-    assert n_graphs == 4  # + TTT score+train, TTT score only (last chunks), global SGD
+    assert len(graphs) == 5  # + TTT score+train, TTT score only (last chunks), global SGD
     T.eval_ttt(model, val, hp, rt, "ttt", True, False, None, quiet)
-    assert len(graphs) == n_graphs  # the warm-up compiled what the real pass runs
+    assert len(graphs) == 5  # the warm-up compiled what the real pass runs
+    cu = int(backend == "flash3")  # packed-row graphs: cu_seqlens' length is their one dynamic dimension
+    assert [len(graph_symbols(gm)) for gm in graphs] == [cu, cu, 1, 1, cu]
     other = synthetic_val(3100, 9, 1)
     with no_recompiles():
         T.eval_val(model, other, hp, rt)
         T.eval_sliding(model, other, hp, rt)
         T.eval_ttt(model, other, hp, rt, "ttt", True, False, None, quiet)
-    assert len(graphs) == 4
+    assert len(graphs) == 5
 
 
 def test_eval_rows_per_forward_do_not_grow_with_fewer_ranks(monkeypatch, tmp_path):

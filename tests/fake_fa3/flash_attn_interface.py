@@ -16,6 +16,44 @@ from __future__ import annotations
 import torch
 
 CALLS = {"forward": 0, "backward": 0}
+# Every flash_attn_varlen_func call (eager or while dynamo traces): the launch FA3 would make. `segments` is
+# len(cu_seqlens) - 1; `tiles` is FA3's grid, ceil(max_seqlen / kBlockM) x heads x segments (each a CTA, empty
+# segments included); `bwd_workspace_bytes` what its backward allocates beside dq/dk/dv (workspace_shapes).
+LAUNCHES: list[dict] = []
+
+
+def _round_up(x, m):
+    return (x + m - 1) // m * m
+
+
+def _head_dim_rounded(d: int) -> int:
+    return next(r for r in (64, 96, 128, 192, 256) if d <= r)
+
+
+def tile_sizes(head_dim: int) -> tuple[int, int]:
+    """FA3's (kBlockM, kBlockN) of the causal sm90 backward (hopper/flash_api.cpp, mha_bwd)."""
+    dr = _head_dim_rounded(head_dim)
+    return (128 if dr <= 64 else 64), (128 if dr <= 128 else (96 if dr <= 192 else 80))
+
+
+def workspace_shapes(total: int, segments: int, heads: int, kv_heads: int, head_dim: int, max_seqlen: int) -> list:
+    """(shape, dtype) of what FA3's varlen backward allocates beside dq, dk, dv (mha_bwd): softmax_d and
+    softmax_lse_log2 [H, total_q_padded_rounded] fp32, dq_accum [H, total_q_padded_rounded * D_rounded] fp32,
+    with GQA zero-filled dk_accum / dv_accum [H_kv, total_k_padded_rounded, D_rounded] fp32, dq_semaphore
+    int32. The padded totals grow by kBlock tokens per segment: empty segments cost memory, not only tiles."""
+    m, n = tile_sizes(head_dim)
+    dr = _head_dim_rounded(head_dim)
+    tq, tk = _round_up(total + segments * m, m), _round_up(total + segments * n, n)
+    out = [((heads, tq), torch.float32), ((heads, tq), torch.float32), ((heads, tq * dr), torch.float32),
+           (((max_seqlen + m - 1) // m, segments, heads), torch.int32)]
+    if kv_heads != heads:
+        out += [((kv_heads, tk, dr), torch.float32)] * 2
+    return out
+
+
+def workspace_bytes(*args) -> int:
+    return sum(torch.Size(shape).numel() * (4 if dt in (torch.float32, torch.int32) else 2)
+               for shape, dt in workspace_shapes(*args))
 
 
 def _check(q, k, v, cu, max_seqlen):
@@ -83,16 +121,25 @@ def _(q, k, v, cu, max_seqlen):  # contiguous outputs, as the real implementatio
     return q.new_empty(q.shape), q.new_empty((q.size(1), q.size(0)), dtype=torch.float32)
 
 
+def _workspace(q, k, cu, max_seqlen, empty):
+    return [empty(shape, dtype) for shape, dtype in
+            workspace_shapes(q.size(0), cu.size(0) - 1, q.size(1), k.size(1), q.size(2), max_seqlen)]
+
+
 @torch.library.custom_op("fake_fa3::varlen_bwd", mutates_args=())
 def _varlen_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor,
-                max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                max_seqlen: int) -> list[torch.Tensor]:
+    """dq, dk, dv, then FA3's backward workspace (returned, as mha_bwd returns it: the memory trace sees it
+    allocated and freed at the real shapes)."""
     CALLS["backward"] += 1
-    return _reference_grads(dout, q, k, v, cu, max_seqlen)
+    return [*_reference_grads(dout, q, k, v, cu, max_seqlen),
+            *_workspace(q, k, cu, max_seqlen, lambda s, dt: torch.zeros(s, dtype=dt, device=q.device))]
 
 
 @_varlen_bwd.register_fake
 def _(dout, q, k, v, cu, max_seqlen):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    return [q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+            *_workspace(q, k, cu, max_seqlen, lambda s, dt: q.new_empty(s, dtype=dt))]
 
 
 def _setup(ctx, inputs, output):
@@ -104,7 +151,7 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, dout, dlse):
     q, k, v, _out, _lse, cu = ctx.saved_tensors
-    dq, dk, dv = _varlen_bwd(dout.contiguous(), q, k, v, cu, ctx.max_seqlen)
+    dq, dk, dv, *_workspace_freed_here = _varlen_bwd(dout.contiguous(), q, k, v, cu, ctx.max_seqlen)
     return dq, dk, dv, None, None
 
 
@@ -118,4 +165,10 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     assert causal and softmax_scale is None, "train_gpt.py calls FA3 causal with the default scale"
     assert cu_seqlens_q is cu_seqlens_k and max_seqlen_q == max_seqlen_k, "self-attention: same boundaries"
     _check(q, k, v, cu_seqlens_q, max_seqlen_q)
+    segments = cu_seqlens_q.size(0) - 1
+    if not torch.compiler.is_compiling():  # eager calls only: a traced call has a symbolic segment count
+        LAUNCHES.append({"segments": segments, "max_seqlen": max_seqlen_q, "heads": q.size(1),
+                         "tiles": -(-max_seqlen_q // tile_sizes(q.size(2))[0]) * q.size(1) * segments,
+                         "bwd_workspace_bytes": workspace_bytes(q.size(0), segments, q.size(1), k.size(1), q.size(2),
+                                                                max_seqlen_q)})
     return _varlen_fwd(q, k, v, cu_seqlens_q, max_seqlen_q)
