@@ -1085,8 +1085,8 @@ def prepare_attention(backend: str, ids: torch.Tensor, bos_id: int, rows_are_doc
             cu = torch.arange(0, B + 1, device=ids.device, dtype=torch.int32) * T
         elif cu_seqlens is not None:
             cu = cu_seqlens
-        elif torch.compiler.is_compiling():
-            cu = cu_seqlens_from_segments(seg)
+        elif torch.compiler.is_compiling() or ids.is_meta or torch._subclasses.fake_tensor.is_fake(ids):
+            cu = cu_seqlens_from_segments(seg)  # no data to read (traced, meta, fake): the fixed capacity
         else:  # eager (Hessians, COMPILE=0): the exact segments; the host copy is one sync per forward
             cu = varlen_cu_seqlens(ids.cpu(), bos_id, piece_len).to(ids.device)
         return DocStructure(seg, cu, pos, longest)
