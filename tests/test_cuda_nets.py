@@ -220,14 +220,19 @@ def test_forward_mutates_no_module_state(graphs):
 
 # ---- eval and TTT: compiled, fixed row counts, dynamic row width ---------------------------------------------
 
-def graph_symbols(gm) -> set:
-    """Free symbols (dynamic dimensions) of a dynamo graph's inputs."""
-    from torch.fx.experimental.symbolic_shapes import free_symbols
+def dynamic_dims(gm) -> list[str]:
+    """The kinds of dynamic dimension among a dynamo graph's tensor inputs: "width" (dim 1 of [rows, width], as
+    mark_row_width_dynamic marks), "cu" (the length of a 1-D int32 cu_seqlens), else the input's shape."""
     out = set()
     for n in gm.graph.nodes:
-        if n.op == "placeholder":
-            out |= free_symbols(n.meta.get("example_value"))
-    return out
+        ev = n.meta.get("example_value") if n.op == "placeholder" else None
+        if not isinstance(ev, torch.Tensor):
+            continue
+        dims = tuple(i for i, d in enumerate(ev.shape) if not isinstance(d, int))
+        if dims:
+            out.add("width" if ev.dim() == 2 and dims == (1,) else
+                    "cu" if ev.dim() == 1 and ev.dtype == torch.int32 else f"other {tuple(ev.shape)}")
+    return sorted(out)
 
 
 @pytest.mark.parametrize("backend,tilt", [("sdpa", "0"), ("flash3", "1")])
@@ -269,8 +274,8 @@ def test_eval_and_ttt_compile_once(backend, tilt, graphs, request, tmp_path):
     assert len(graphs) == 5  # + TTT score+train, TTT score only (last chunks), global SGD
     T.eval_ttt(model, val, hp, rt, "ttt", True, False, None, quiet)
     assert len(graphs) == 5  # the warm-up compiled what the real pass runs
-    cu = int(backend == "flash3")  # packed-row graphs: cu_seqlens' length is their one dynamic dimension
-    assert [len(graph_symbols(gm)) for gm in graphs] == [cu, cu, 1, 1, cu]
+    cu = ["cu"] if backend == "flash3" else []  # packed-row graphs: cu_seqlens' length is their one dynamic dim
+    assert [dynamic_dims(gm) for gm in graphs] == [cu, cu, ["width"], ["width"], cu]
     other = synthetic_val(3100, 9, 1)
     with no_recompiles():
         T.eval_val(model, other, hp, rt)
