@@ -373,7 +373,8 @@ def test_torch_range_is_stated_and_its_oldest_version_has_a_script():
     readme = open(os.path.join(ROOT, "README.md")).read()
     assert f"torch {lo} to {hi}" in readme
     script = open(os.path.join(ROOT, "scripts", "old_torch_nets.sh")).read()
-    assert re.search(rf"torch=={re.escape(lo)}\.\d+", script) and "test_cuda_nets.py" in script
+    assert re.search(rf"OLD_TORCH:-{re.escape(lo)}\.\d+", script) and 'torch==$VERSION' in script
+    assert "test_cuda_nets.py" in script and "test_cuda_wave2.py" in script
     assert subprocess.run(["bash", "-n", os.path.join(ROOT, "scripts", "old_torch_nets.sh")]).returncode == 0
     major, minor = (int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
     assert tuple(int(v) for v in lo.split(".")) <= (major, minor) <= tuple(int(v) for v in hi.split("."))
