@@ -3570,8 +3570,10 @@ def lora_a_init(lora: BatchedLoRA, hp: Hyperparameters, gen: torch.Generator):
     Generator(SEED), the same for every slot and batch, so a document's result depends on neither."""
     if hp.ttt_lora_a_init == "shared":
         g = torch.Generator().manual_seed(hp.seed)
-        init = {n: ((torch.rand(lora.A[n].shape[1:], generator=g) * 2 - 1) * (1.0 / math.sqrt(lora.A[n].size(-1))))
-                .to(lora.A[n].device) for n in lora.names}
+        init = {}
+        for n in lora.names:
+            bound = 1.0 / math.sqrt(lora.A[n].size(-1))
+            init[n] = ((torch.rand(lora.A[n].shape[1:], generator=g) * 2 - 1) * bound).to(lora.A[n].device)
 
     @torch.no_grad()
     def reset():
