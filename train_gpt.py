@@ -3268,16 +3268,22 @@ class DocumentPieces:
         self.model.doc_piece_len = self.saved[1]
 
 
+EVAL_GRID_RANKS = 8  # the record's GPUs: its eval_val forwards are laid out for 8 ranks, so ours are at any world size
+
+
 def eval_spans(n: int, seq: int, rows: int, rank: int, world: int) -> list[tuple[int, int]]:
-    """[start, end) target ranges of a rank's plain-eval forwards, as the record's eval_val: the n // seq
-    sequences split contiguously over ranks, `rows` sequences per forward. Unlike the record, which drops them,
-    the stream's last n % seq targets are scored too (a last forward on the last rank)."""
-    total = n // seq
-    lo, hi = _rank_range(total, rank, world)
-    spans = [(s * seq, min(s + rows, hi) * seq) for s in range(lo, hi, rows)]
-    if rank == world - 1 and total * seq < n:
+    """[start, end) target ranges of a rank's plain-eval forwards. The forwards are the record's at its 8 GPUs:
+    the n // seq sequences split contiguously over EVAL_GRID_RANKS, `rows` sequences per forward, so the scores
+    do not depend on the world size; our ranks take contiguous runs of them. Unlike the record, which drops them,
+    the stream's last n % seq targets are scored too (a last forward)."""
+    total, spans = n // seq, []
+    for r in range(EVAL_GRID_RANKS):
+        lo, hi = _rank_range(total, r, EVAL_GRID_RANKS)
+        spans += [(s * seq, min(s + rows, hi) * seq) for s in range(lo, hi, rows)]
+    if total * seq < n:
         spans.append((total * seq, n))
-    return spans
+    a, b = _rank_range(len(spans), rank, world)
+    return spans[a:b]
 
 
 @torch.no_grad()
@@ -3693,33 +3699,40 @@ def global_sgd_on_scored(model: GPT, val: ValidationData, docs, scored: list[int
                          rt: Runtime) -> None:
     """Phased TTT: SGD on the base weights over documents that are already fully scored, as the record: the
     documents in ascending length order (ties in stream order) make one stream, cut into chunks of
-    GLOBAL_TTT_CHUNK_TOKENS (sgd_chunk_lrs: momentum, clipped); each rank's share of a chunk's EVAL_SEQ_LEN
-    sequences is one flat row cut at each BOS and every EVAL_SEQ_LEN tokens into a document (DocumentPieces),
-    so documents keep their context across sequences; gradients averaged across ranks."""
+    GLOBAL_TTT_CHUNK_TOKENS (sgd_chunk_lrs: momentum, clipped); each of the record's 8 ranks' share of a chunk's
+    EVAL_SEQ_LEN sequences is one flat row cut at each BOS and every EVAL_SEQ_LEN tokens into a document
+    (DocumentPieces), so documents keep their context across sequences; gradients averaged across ranks."""
     if not scored:
         return
     order = sorted(scored, key=lambda d: (docs[d][1], d))
     stream = torch.cat([val.tokens[s: s + L] for s, L in (docs[d] for d in order)])
     seq = hp.eval_seq_len
     chunk = max(1, round(hp.global_ttt_chunk_tokens / seq)) * seq  # whole sequences: no token of a chunk dropped
-    rows = chunk // seq
+    # the record's rows at its 8 GPUs (EVAL_GRID_RANKS): grid rank g's share of a chunk's sequences is one flat
+    # row; our rank runs a contiguous run of those rows, so the update does not depend on the world size
+    shares = [_rank_range(chunk // seq, g, EVAL_GRID_RANKS) for g in range(EVAL_GRID_RANKS)]
+    shares = [sh for sh in shares if sh[1] > sh[0]]
+    mine = shares[slice(*_rank_range(len(shares), rt.rank, rt.world_size))]
+    n_rows = -(-len(shares) // rt.world_size)  # every rank's batch has this many rows (padding is not counted)
+    width = max(b - a for a, b in shares) * seq
     opt = torch.optim.SGD(model.parameters(), lr=hp.global_ttt_lr, momentum=hp.global_ttt_momentum)
     fwd = maybe_compile(model, hp, rt.device)
-    lo, hi = _rank_range(rows, rt.rank, rt.world_size)
-    width = -(-rows // rt.world_size) * seq  # every rank's row has this width (padding is not counted)
     with DocumentPieces(model, seq):
         for c, lr in enumerate(sgd_chunk_lrs(stream.numel() - 1, chunk, hp.global_ttt_lr)):
             for g in opt.param_groups:
                 g["lr"] = lr
             part = stream[c * chunk: (c + 1) * chunk + 1]  # never the last chunk: always whole
-            if hi > lo:
-                x = torch.zeros(1, width, dtype=torch.int64)
-                y = torch.zeros(1, width, dtype=torch.int64)
-                x[0, : (hi - lo) * seq] = part[lo * seq: hi * seq]
-                y[0, : (hi - lo) * seq] = part[lo * seq + 1: hi * seq + 1]
+            if mine:
+                x = torch.zeros(n_rows, width, dtype=torch.int64)
+                y = torch.zeros(n_rows, width, dtype=torch.int64)
+                for i, (a, b) in enumerate(mine):
+                    x[i, : (b - a) * seq] = part[a * seq: b * seq]
+                    y[i, : (b - a) * seq] = part[a * seq + 1: b * seq + 1]
                 with autocast_context(hp, rt.device):
                     nll = fwd(x.to(rt.device), y.to(rt.device), reduction="none")
-                (nll[0, : (hi - lo) * seq].sum() / chunk).backward()
+                real = torch.stack([torch.arange(width) < (b - a) * seq for a, b in mine] +
+                                   [torch.zeros(width, dtype=torch.bool)] * (n_rows - len(mine))).to(rt.device)
+                (nll[real].sum() / chunk).backward()
             for p in model.parameters():
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)

@@ -32,11 +32,13 @@ def tiny_model(hp, seed=4):
 
 # ---- 6. plain-eval windows -------------------------------------------------------------------------------------
 
-def test_eval_spans_split_sequences_over_ranks_and_score_the_tail():
-    # 10 sequences of 8 over 3 ranks (3/3/4), 2 sequences per forward; the last 5 targets on the last rank
-    spans = [T.eval_spans(85, 8, 2, r, 3) for r in range(3)]
-    assert spans == [[(0, 16), (16, 24)], [(24, 40), (40, 48)], [(48, 64), (64, 80), (80, 85)]]
+def test_eval_spans_are_the_record_forwards_at_8_gpus_whatever_the_world_size():
+    # 10 sequences of 8 over the record's 8 ranks (1,1,1,2,1,1,1,2), 2 sequences per forward, then the tail of 5
+    grid = [(0, 8), (8, 16), (16, 24), (24, 40), (40, 48), (48, 56), (56, 64), (64, 80), (80, 85)]
+    assert T.eval_spans(85, 8, 2, 0, 1) == grid
+    assert [T.eval_spans(85, 8, 2, r, 3) for r in range(3)] == [grid[:3], grid[3:6], grid[6:]]
     assert T.eval_spans(5, 8, 2, 0, 1) == [(0, 5)]
+    assert T.eval_spans(64 * 40, 64, 4, 0, 1)[:2] == [(0, 256), (256, 320)]  # 5 sequences a grid rank
 
 
 def expected_changed(toks, spans, seq, q):
@@ -66,13 +68,13 @@ def test_plain_eval_windows_as_the_record(tmp_path):
     seq = 32
     hp = tiny_hp(EVAL_SEQ_LEN=seq, TTT_EVAL_SEQ_LEN=seq, VAL_BATCH_TOKENS=8 * 4 * seq)  # 4 sequences a forward
     m = tiny_model(hp)
-    toks = doc_tokens([20, 90, 30, 45, 60, 19])  # 264 tokens: doc 2 spans rows 0-3, doc 4 crosses the forward
+    toks = doc_tokens([20, 90, 30, 45, 60, 19] + [200] * 9)  # 2,064 targets: 8 sequences on each grid rank
     val = make_val(toks)
     rt = cpu_runtime(tmp_path)
     base = T.eval_val(m, val, hp, rt, keep_losses=True)
     assert base.tokens == val.num_targets
     spans = T.eval_spans(val.num_targets, seq, 4, 0, 1)
-    assert spans == [(0, 128), (128, 256), (256, 264)]
+    assert spans[:3] == [(0, 128), (128, 256), (256, 384)]
     # docs start at 0, 20, 110, 140, 185, 245; doc 1 (20..109) is cut at 52 and 84, doc 2 (110..139) by the forward
     cases = {"doc 1 before the row boundary at 32": 25, "doc 1 inside its first piece": 40,
              "doc 1, last token of its first piece (smear into the second)": 51, "doc 2 before the forward start": 120,
@@ -112,12 +114,13 @@ def test_sgd_chunk_schedule_as_the_record():
 
 
 def test_global_sgd_order_rows_and_cuts(monkeypatch, tmp_path):
-    """The SGD stream is the documents in ascending length (ties in stream order); each step is one flat row
-    whose attention is cut at each BOS and every EVAL_SEQ_LEN tokens into a document, never at a row start."""
+    """The SGD stream is the documents in ascending length (ties in stream order); each step runs the record's 8
+    ranks' shares as flat rows whose attention is cut at the row start, each BOS and every EVAL_SEQ_LEN tokens
+    into a document (or into the row, for the document it starts in), not at every sequence start."""
     seq = 16
-    hp = tiny_hp(EVAL_SEQ_LEN=seq, TTT_EVAL_SEQ_LEN=seq, GLOBAL_TTT_CHUNK_TOKENS=4 * seq)
+    hp = tiny_hp(EVAL_SEQ_LEN=seq, TTT_EVAL_SEQ_LEN=seq, GLOBAL_TTT_CHUNK_TOKENS=16 * seq)  # 2 a grid rank
     m = tiny_model(hp)
-    lengths = [40, 12, 40, 25, 7, 60]
+    lengths = [120, 36, 120, 75, 21, 180]
     toks = doc_tokens(lengths)
     docs = T.find_docs(toks, 1)
     calls = []
@@ -133,18 +136,18 @@ def test_global_sgd_order_rows_and_cuts(monkeypatch, tmp_path):
     order = sorted(range(len(docs)), key=lambda d: (docs[d][1], d))
     assert [docs[d][1] for d in order] == sorted(docs[d][1] for d in range(len(docs)))
     stream = torch.cat([toks[docs[d][0]: docs[d][0] + docs[d][1]] for d in order])
-    n_steps = -(-(stream.numel() - 1) // (4 * seq)) - 1
+    n_steps = -(-(stream.numel() - 1) // (16 * seq)) - 1
     assert len(calls) == n_steps == 2
     for c, (ids, starts, training) in enumerate(calls):
-        assert ids.shape == (1, 4 * seq) and training
-        assert torch.equal(ids[0], stream[c * 4 * seq: (c + 1) * 4 * seq])
-        want, last = [], None
-        for t in range(ids.size(1)):  # the rule, written out: row start, BOS, doc start + k * seq
-            if t == 0 or ids[0, t] == 1 or t - last == seq:
-                last = t
-                want.append(t)
-        assert starts == want
-        assert not set(range(seq, 4 * seq, seq)) <= set(starts)  # row starts are no cut of their own
+        assert ids.shape == (8, 2 * seq) and training  # the record's 8 ranks' rows of 2 sequences
+        assert torch.equal(ids.flatten(), stream[c * 16 * seq: (c + 1) * 16 * seq])
+        for row in range(8):
+            want, last = [], None
+            for t in range(ids.size(1)):  # the rule, written out: row start, BOS, doc start + k * seq
+                if t == 0 or ids[row, t] == 1 or t - last == seq:
+                    last = t
+                    want.append(t)
+            assert T.segment_starts(ids[row: row + 1], 1, seq)[0].nonzero().flatten().tolist() == want
 
 
 # ---- 2. phase membership and 3. batch order -----------------------------------------------------------------
