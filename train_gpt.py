@@ -3527,14 +3527,15 @@ def ttt_batches(order: list[int], docs, hp: Hyperparameters) -> list[list[int]]:
 
 
 def ttt_batch_plan(doc_ids: list[int], docs, hp: Hyperparameters) -> list[list[int]]:
-    """TTT's batches in processing order, each in slot order. TTT_BATCH_ORDER=record: the documents sorted by
-    ascending length (ties in stream order) cut into batches from the shortest, the batches then taken by
-    descending longest document (ties keep ascending order), so the leftover batch of the longest documents
-    comes first; longest_first: cut from the longest document (scoring_order)."""
+    """TTT's batches in processing order, each in slot order, longest first (a chunk's forwards end at the last
+    document still running). TTT_BATCH_ORDER=record: the documents sorted by ascending length (ties in stream
+    order) cut into batches from the shortest, the batches then taken by descending longest document (ties keep
+    ascending order), so the leftover batch of the longest documents comes first (the record's slots run
+    shortest first: only which random A a document gets differs); longest_first: cut from the longest document."""
     if hp.ttt_batch_order == "longest_first":
         return ttt_batches(sorted(doc_ids, key=lambda d: -docs[d][1]), docs, hp)
     batches = ttt_batches(sorted(doc_ids, key=lambda d: (docs[d][1], d)), docs, hp)
-    return sorted(batches, key=lambda b: -docs[b[-1]][1])
+    return [sorted(b, key=lambda d: -docs[d][1]) for b in sorted(batches, key=lambda b: -docs[b[-1]][1])]
 
 
 def assign_batches(batches: list[list[int]], docs, hp: Hyperparameters, world: int) -> list[list[list[int]]]:

@@ -162,14 +162,14 @@ def test_phase_ends_record_and_exact():
 
 def test_batch_plan_record_order():
     """Ascending length cut from the shortest; batches by descending longest document: the leftover batch of
-    the longest documents first; slots in ascending length."""
+    the longest documents first; slots longest first."""
     hp = tiny_hp(TTT_BATCH_SIZE="3")
     lengths = [50, 10, 70, 30, 30, 90, 20, 60]
     docs = [(0, L) for L in lengths]
     plan = T.ttt_batch_plan(list(range(8)), docs, hp)
-    assert plan == [[2, 5], [4, 0, 7], [1, 6, 3]]
+    assert plan == [[5, 2], [7, 0, 4], [3, 6, 1]]
     asc = sorted(range(8), key=lambda d: (lengths[d], d))
-    assert [d for b in reversed(plan) for d in b] == asc
+    assert [d for b in reversed(plan) for d in reversed(b)] == asc
     assert T.ttt_batch_plan(list(range(8)), docs, tiny_hp(TTT_BATCH_SIZE="3", TTT_BATCH_ORDER="longest_first")) == \
         [[5, 2, 7], [0, 3, 4], [6, 1]]
 
