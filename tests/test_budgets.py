@@ -162,14 +162,14 @@ def test_eval_budget_holds_when_ttt_slows_down(monkeypatch, tmp_path):
     from test_cuda_nets import synthetic_val
     val = synthetic_val(6000, 40, 5)
     hp = tiny_hp(PHASED_TTT_PREFIX_DOCS="20", PHASED_TTT_NUM_PHASES="2", TTT_BATCH_SIZE="4", TTT_GRAD_STEPS="2",
-                 EVAL_TIME_BUDGET="1000")
+                 EVAL_TIME_BUDGET="1000", EVAL_CLOCK="strict")  # the budget counts the probe too
     logs = []
     res, nominal = ttt_eval(hp, val, tmp_path, slowed_forward(monkeypatch, 1e9, 1.0), logs)
     c = res.info["cuts"]
     assert (c["fewer_grad_steps"], c["score_only"], c["phases_dropped"], c["grad_steps"]) == (0, 0, 0, 2)
     budget = 1.25 * nominal
     hp = tiny_hp(PHASED_TTT_PREFIX_DOCS="20", PHASED_TTT_NUM_PHASES="2", TTT_BATCH_SIZE="4", TTT_GRAD_STEPS="2",
-                 EVAL_TIME_BUDGET=str(budget))
+                 EVAL_TIME_BUDGET=str(budget), EVAL_CLOCK="strict")
     logs = []
     res, took = ttt_eval(hp, val, tmp_path, slowed_forward(monkeypatch, nominal / 3, 4.0), logs)
     cuts = res.info["cuts"]
