@@ -268,20 +268,20 @@ def test_eval_and_ttt_compile_once(backend, tilt, graphs, request, tmp_path):
     val = synthetic_val(2500, 20, 0)
     T.eval_val(model, val, hp, rt)
     T.eval_sliding(model, val, hp, rt)
-    assert len(graphs) == 2
+    assert len(graphs) == 3  # the training step, the plain eval's flat rows (no grad), the sliding windows
     model.eval()  # as eval_ttt runs it
     T.measure_ttt_throughput(model, hp, rt)  # the eval's compile warm-up: every TTT graph
-    assert len(graphs) == 5  # + TTT score+train, TTT score only (last chunks), global SGD
+    assert len(graphs) == 6  # + TTT score+train, TTT score only (last chunks), global SGD
     T.eval_ttt(model, val, hp, rt, "ttt", True, False, None, quiet)
-    assert len(graphs) == 5  # the warm-up compiled what the real pass runs
+    assert len(graphs) == 6  # the warm-up compiled what the real pass runs
     cu = ["cu"] if backend == "flash3" else []  # packed-row graphs: cu_seqlens' length is their one dynamic dim
-    assert [dynamic_dims(gm) for gm in graphs] == [cu, cu, ["width"], ["width"], cu]
+    assert [dynamic_dims(gm) for gm in graphs] == [cu, cu, cu, ["width"], ["width"], cu]
     other = synthetic_val(3100, 9, 1)
     with no_recompiles():
         T.eval_val(model, other, hp, rt)
         T.eval_sliding(model, other, hp, rt)
         T.eval_ttt(model, other, hp, rt, "ttt", True, False, None, quiet)
-    assert len(graphs) == 5
+    assert len(graphs) == 6
 
 
 def test_eval_rows_per_forward_do_not_grow_with_fewer_ranks(monkeypatch, tmp_path):
