@@ -75,6 +75,18 @@ def random_rows(B: int, Tn: int, vocab: int, bos: int, seed: int) -> tuple[torch
     return ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
 
 
+class RandomBatches:
+    """A calibration loader of random_rows batches (4 rows of TRAIN_SEQ_LEN), each from its own seed."""
+
+    def __init__(self, hp, device: torch.device, bos: int, seed: int):
+        self.hp, self.device, self.bos, self.seed = hp, device, bos, seed
+
+    def next_batch(self):
+        self.seed += 1
+        x, y = random_rows(4, self.hp.train_seq_len, self.hp.vocab_size, self.bos, self.seed)
+        return x.to(self.device), y.to(self.device)
+
+
 def randomize(model: torch.nn.Module, seed: int = 0, scale: float = 0.1) -> torch.nn.Module:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -381,19 +393,11 @@ def _gptq_tf32(device: torch.device) -> dict:
         model.looping = True
         rt = T.Runtime(0, 1, 0, device, False, 1, "", T.RunLogger([], enabled=False))
 
-        class Batches:
-            def __init__(self):
-                self.i = 0
-
-            def next_batch(self):
-                self.i += 1
-                x, y = random_rows(4, hp.train_seq_len, hp.vocab_size, 1, 300 + self.i)
-                return x.to(device), y.to(device)
         res = {}
         prev = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
         for tf32 in (True, False):
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
-            H = T.collect_hessians(model, Batches(), 2, hp, rt)["blocks.0.mlp.fc.weight"]
+            H = T.collect_hessians(model, RandomBatches(hp, device, 1, 300), 2, hp, rt)["blocks.0.mlp.fc.weight"]
             W = model.state_dict()["blocks.0.mlp.fc.weight"].float()
             res[tf32] = H, T.gptq_quantize(W, H, T.sdclip_scales(W, 12.0, 6).to(device), 6)
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev
@@ -524,16 +528,8 @@ def check_quant_roundtrip(device: torch.device) -> list[dict]:
     model.looping = True
     rt = T.Runtime(0, 1, 0, device, False, 1, "", T.RunLogger([], enabled=False))
 
-    class Batches:
-        def __init__(self):
-            self.i = 0
-
-        def next_batch(self):
-            self.i += 1
-            x, y = random_rows(4, hp.train_seq_len, hp.vocab_size, bos, 100 + self.i)
-            return x.to(device), y.to(device)
     t0 = time.perf_counter()
-    hess = T.collect_hessians(model, Batches(), 2, hp, rt)
+    hess = T.collect_hessians(model, RandomBatches(hp, device, bos, 100), 2, hp, rt)
     entries, _table = T.quantize_state(model.state_dict(), hess, hp, log=lambda *a, **k: None)
     cfg = T.model_config_for_artifact(hp, bos, True)
     blob = T.pack_artifact(entries, cfg, hp.compressor)
