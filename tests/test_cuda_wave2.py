@@ -16,10 +16,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from conftest import ROOT, T, cpu_runtime, randomize, tiny_hp
-from test_cuda_nets import CPU, NET, graphs, net_hp, no_recompiles, rows_with_docs, synthetic_val  # noqa: F401
-
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
-import gpu_check  # noqa: E402
+from test_cuda_nets import CPU, graphs, net_hp, rows_with_docs, synthetic_val  # noqa: F401  (graphs: a fixture)
 
 from bench import throughput  # noqa: E402
 from bench import memory_trace as M  # noqa: E402

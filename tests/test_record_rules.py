@@ -46,7 +46,7 @@ def expected_changed(toks, spans, seq, q):
     forward's start, at each BOS and every `seq` tokens into a document; the smear (token t gets a share of token
     t-1) is cut at BOS only, so it crosses a piece cut inside a document but never a forward start."""
     a, b = next((a, b) for a, b in spans if a <= q < b)
-    seg_start, seg_end, starts = a, None, []
+    seg_start, starts = a, []
     for t in range(a, b):
         if t == a or toks[t] == 1 or t - seg_start == seq:
             seg_start = t
